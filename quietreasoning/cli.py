@@ -1,0 +1,40 @@
+"""What `train.py` and `run.py` share: argument parsing, config loading, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from quietreasoning.config import Config, ConfigError, load_config
+
+
+def parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config,
+                   help=f"preset name or YAML path, applied over configs/base.yaml (default: {default_config})")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides applied last, e.g. model.d_model=256 train.steps=100")
+    return p
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def one_line_errors(main):
+    """Turns the errors a user can fix into one line on stderr and an exit code (2 for bad
+    input), instead of a traceback."""
+    from quietreasoning.training.trainer import TrainingDiverged
+
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return wrapped

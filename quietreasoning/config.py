@@ -1,0 +1,288 @@
+"""The typed, validated configuration.
+
+Loading order: `configs/base.yaml` (every setting, commented), then a preset that overrides
+some of it, then `key=value` overrides from the command line. The merged tree is validated
+into frozen dataclasses: an unknown key is an error that suggests the nearest valid key, and
+impossible combinations are errors naming the key and the file that set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+from etils import epath
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the file/key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int  # 0: d_model // n_heads
+    d_ff: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    compute_dtype: str
+    param_dtype: str
+    remat: str
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    seq_len: int
+    global_batch: int
+    grad_accum: int
+    seed: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float
+    z_loss: float
+    log_every: int
+    stage: str
+    load_parameters_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int
+    fsdp: int
+    tensor: int
+
+    def shape(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes with a single -1 filled so the product equals `n_devices`."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        known = 1
+        for v in sizes.values():
+            if v != -1:
+                known *= v
+        fill = [k for k, v in sizes.items() if v == -1]
+        if fill:
+            if n_devices % known:
+                raise ConfigError(
+                    f"mesh: fixed axes multiply to {known}, which does not divide the "
+                    f"{n_devices} devices; change mesh.* so one -1 can fill the rest")
+            sizes[fill[0]] = n_devices // known
+        product = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+        if product != n_devices:
+            raise ConfigError(
+                f"mesh: data*fsdp*tensor = {product} but there are {n_devices} devices; "
+                f"set the sizes to multiply to {n_devices} or make one of them -1")
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str  # "synthetic" or a TFRecord file pattern
+    synthetic_successors: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str  # "" = <run.out_dir>/checkpoints
+    every: int
+    max_to_keep: int
+    async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str
+    out_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    train: TrainConfig
+    mesh: MeshConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    run: RunConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.out_dir, self.run.name, "checkpoints")
+
+
+SECTIONS: dict[str, type] = get_type_hints(Config)
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = epath.Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix the syntax there") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid sections: {', '.join(SECTIONS)}"
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _merge(tree: dict, layer: dict, source: str, origin: dict[str, str]) -> None:
+    """Merges a {section: {key: value}} layer into `tree`, recording which file set each key."""
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of key: value")
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in names:
+                raise _unknown(f"{section}.{key}", source)
+            tree.setdefault(section, {})[key] = value
+            origin[f"{section}.{key}"] = source
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(
+                f"command line: '{item}' is not a section.key=value override (e.g. model.d_model=256)")
+        section, _, name = key.partition(".")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def _coerce(value: Any, typ: type, key: str, source: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {key}={value!r} must be a {typ.__name__}")
+
+
+def _build(tree: dict, origin: dict[str, str]) -> Config:
+    sections = {}
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if f.name not in tree.get(section, {}):
+                raise ConfigError(f"{BASE_CONFIG}: '{key}' has no value; base.yaml must list every setting")
+            kwargs[f.name] = _coerce(tree[section][f.name], hints[f.name], key, origin[key])
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _validate(cfg: Config, origin: dict[str, str]) -> None:
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{origin.get(key, 'config')}: {message}")
+
+    m, t = cfg.model, cfg.train
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"model.{key}={getattr(m, key)} must be positive")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        fail("model.n_heads", f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+             "pick a divisor or set model.head_dim")
+    if m.n_heads % m.n_kv_heads:
+        fail("model.n_kv_heads", f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+    if m.resolved_head_dim % 2:
+        fail("model.head_dim", f"head dimension {m.resolved_head_dim} must be even for RoPE")
+    for key in ("compute_dtype", "param_dtype"):
+        if getattr(m, key) not in DTYPES:
+            fail(f"model.{key}", f"model.{key}={getattr(m, key)!r} must be one of {DTYPES}")
+    if m.remat not in REMAT:
+        fail("model.remat", f"model.remat={m.remat!r} must be one of {REMAT}")
+    for key in ("steps", "seq_len", "global_batch", "grad_accum", "log_every"):
+        if getattr(t, key) <= 0:
+            fail(f"train.{key}", f"train.{key}={getattr(t, key)} must be positive")
+    for key in ("lr", "warmup_steps", "weight_decay", "clip_norm", "z_loss", "min_lr_ratio"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"train.{key}={getattr(t, key)} must not be negative")
+    if t.global_batch % t.grad_accum:
+        fail("train.grad_accum", f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, key)
+        if v == 0 or v < -1:
+            fail(f"mesh.{key}", f"mesh.{key}={v} must be a positive size or -1 (fill)")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        fail("mesh.data", "at most one mesh axis may be -1")
+    if cfg.checkpoint.every <= 0 or cfg.checkpoint.max_to_keep <= 0:
+        fail("checkpoint.every", "checkpoint.every and checkpoint.max_to_keep must be positive")
+    if cfg.data.synthetic_successors <= 0:
+        fail("data.synthetic_successors", "data.synthetic_successors must be positive")
+
+
+def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """base.yaml, then `preset` (a path or a name under configs/), then `key=value` overrides."""
+    tree: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    _merge(tree, _read_yaml(BASE_CONFIG), str(BASE_CONFIG.relative_to(REPO_ROOT)), origin)
+    if preset:
+        path = str(preset)
+        if not path.endswith((".yaml", ".yml")) and "/" not in path:
+            path = str(REPO_ROOT / "configs" / f"{path}.yaml")
+        _merge(tree, _read_yaml(path), str(preset), origin)
+    _merge(tree, parse_overrides(list(overrides)), "command line", origin)
+    cfg = _build(tree, origin)
+    _validate(cfg, origin)
+    return cfg
+

@@ -1,0 +1,37 @@
+"""What a config costs, computed without allocating anything: the dry run's figures."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from quietreasoning.config import Config
+from quietreasoning.model.trunk import flops_per_token
+from quietreasoning.training import sharding
+from quietreasoning.training.train_step import abstract_train_state
+
+
+def plan(cfg: Config, n_devices: int) -> dict:
+    """Exact parameter count (from `jax.eval_shape`), training FLOPs per token, the mesh for
+    `n_devices`, and the bytes of params + optimizer state each device holds on that mesh."""
+    axis_sizes = cfg.mesh.shape(n_devices)
+    _, _, _, abstract = abstract_train_state(cfg)
+    specs = sharding.state_specs(abstract)
+    sharding.check_divisible(abstract, specs, axis_sizes)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+    params_bytes = sharding.bytes_per_device(abstract["params"], specs["params"], axis_sizes)
+    opt_bytes = sharding.bytes_per_device(abstract["opt_state"], specs["opt_state"], axis_sizes)
+    t = cfg.train
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    return {
+        "params": n_params,
+        "flops_per_token": fpt,
+        "flops_per_step": fpt * t.global_batch * t.seq_len,
+        "mesh": axis_sizes,
+        "devices": n_devices,
+        "bytes_per_device": params_bytes + opt_bytes,
+        "param_bytes_per_device": params_bytes,
+        "optimizer_bytes_per_device": opt_bytes,
+        "tokens_per_step": t.global_batch * t.seq_len,
+    }

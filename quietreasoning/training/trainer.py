@@ -1,0 +1,136 @@
+"""The training loop shared by `train.py` and `run.py`: one config, one stage.
+
+Resume order: this run's latest checkpoint, else `train.load_parameters_path` (parameters
+only, fresh optimizer), else a fresh init. Batch `i` of the stream is a pure function of the
+seed and `i`, and the checkpoint records the data position, so a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import jax
+from etils import epath
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from quietreasoning.config import Config
+from quietreasoning.data.synthetic import SyntheticLanguage
+from quietreasoning.model.trunk import flops_per_token
+from quietreasoning.training import sharding
+from quietreasoning.training.checkpoint import Checkpointer, load_parameters
+from quietreasoning.training.optimizer import lr_schedule
+from quietreasoning.training.roofline import measure_matmul_roof
+from quietreasoning.training.train_step import put_batch, setup
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stopped being finite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: dict[str, Any]
+    start_step: int
+    final_step: int
+    resumed_from: str           # "checkpoint", "parameters" or "init"
+    history: list[dict[str, float]]
+    n_params: int
+    flops_per_token: float
+    roof_flops: float | None
+    checkpoint_dir: str
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, str]:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, ts.abstract_sharded())
+        return state, int(meta["data_position"]), "checkpoint"
+    state = ts.init()
+    if cfg.train.load_parameters_path:
+        state["params"] = load_parameters(cfg.train.load_parameters_path, ts.abstract_sharded()["params"])
+        return state, 0, "parameters"
+    return state, 0, "init"
+
+
+def _write_metrics(path: epath.Path, history: list[dict]) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.rename(path)
+
+
+def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
+          progress: bool = True, stop_at: int | None = None) -> TrainResult:
+    """Trains `cfg.train.steps` steps (or until `stop_at`, as a preemption would), saving
+    checkpoints every `checkpoint.every` steps and at the end."""
+    mesh = mesh or sharding.make_mesh(cfg)
+    t = cfg.train
+    ts = setup(cfg, mesh)
+    n_devices = mesh.devices.size
+    n_params = sum(x.size for x in jax.tree.leaves(ts.abstract_state["params"]))
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    roof = measure_matmul_roof() if measure_roof else None
+    schedule = lr_schedule(t)
+    data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
+
+    run_dir = epath.Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+
+    ckpt = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every,
+                        max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
+    with jax.set_mesh(mesh):
+        state, start, resumed_from = _restore_or_init(cfg, ts, ckpt)
+        history = [h for h in history if h["step"] <= start]
+        end = min(t.steps, stop_at) if stop_at is not None else t.steps
+        bar = tqdm(total=t.steps, initial=start, disable=not progress, desc=f"{t.stage}", unit="step",
+                   dynamic_ncols=True)
+        window_t0, window_steps = time.perf_counter(), 0
+        for step in range(start, end):
+            batch = put_batch(data.batch(step, t.global_batch, t.seq_len), ts.batch_sharding)
+            state, metrics = ts.step_fn(state, batch)
+            window_steps += 1
+            done = step + 1
+            if step == start:  # the first step includes compilation: restart the clock after it
+                jax.block_until_ready(metrics)
+                window_t0, window_steps = time.perf_counter(), 0
+            if done % t.log_every == 0 or done == end:
+                m = jax.device_get(metrics)
+                if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+                    ckpt.close()
+                    raise TrainingDiverged(
+                        f"train: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} at step {done}; "
+                        f"lower train.lr (now {t.lr}) or raise train.warmup_steps; the last good checkpoint "
+                        f"is in {cfg.checkpoint_dir}")
+                dt = time.perf_counter() - window_t0
+                record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                          "lr": float(schedule(done - 1))}
+                if window_steps and dt > 0:
+                    tok_s = window_steps * t.global_batch * t.seq_len / dt
+                    tflops_dev = fpt * tok_s / n_devices / 1e12
+                    record.update(tokens_per_s=tok_s, tflops_per_device=tflops_dev)
+                    if roof:
+                        record["mfu"] = tflops_dev * 1e12 / roof
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}),
+                                **({"mfu": f"{record['mfu']:.0%}"} if "mfu" in record else {}))
+                window_t0, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            meta = {"stage": t.stage, "step": done, "data_position": done, "config": cfg.to_dict()}
+            ckpt.save(done, state, meta, force=done == end)
+        bar.close()
+        ckpt.close()
+        if history:
+            _write_metrics(metrics_path, history)
+    return TrainResult(state, start, end, resumed_from, history, n_params, fpt, roof, cfg.checkpoint_dir)

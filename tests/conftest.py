@@ -1,0 +1,32 @@
+"""Test environment: 8 fake CPU devices, no hub, no wandb network, quiet TF.
+
+Set before jax is imported anywhere, so every test sees the same 8 devices.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Runs a repo CLI (`train.py`, `run.py`) in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    def run(script: str, *args: str, timeout: int = 300):
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
