@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
-from etils import epath
+
+from quietreasoning.utils import io
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
@@ -139,7 +140,7 @@ REMAT = ("none", "full", "dots")
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = epath.Path(path)
+    p = io.path(path)
     if not p.exists():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
     try:
@@ -209,6 +210,11 @@ def _coerce(value: Any, typ: type, key: str, source: str) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if value is None:
             return ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
+from quietreasoning.utils import io
 
 from quietreasoning.config import ConfigError
 
@@ -20,7 +20,7 @@ class Checkpointer:
     """One CheckpointManager for a run directory (local or gs://)."""
 
     def __init__(self, directory: str, *, every: int = 1, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = io.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=every,
             enable_async_checkpointing=async_save, create=True)
@@ -58,7 +58,7 @@ class Checkpointer:
 def load_parameters(path: str, abstract_params):
     """Only the params of a saved train state at `path` (a checkpoint step directory, e.g.
     runs/tiny/checkpoints/300), laid out as `abstract_params`."""
-    state_dir = epath.Path(path) / "state"
+    state_dir = io.path(path) / "state"
     if not state_dir.exists():
         raise ConfigError(
             f"train.load_parameters_path={path}: no 'state' checkpoint there; point it at a step "

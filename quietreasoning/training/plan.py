@@ -17,11 +17,10 @@ def plan(cfg: Config, n_devices: int) -> dict:
     `n_devices`, and the bytes of params + optimizer state each device holds on that mesh."""
     axis_sizes = cfg.mesh.shape(n_devices)
     _, _, _, abstract = abstract_train_state(cfg)
-    specs = sharding.state_specs(abstract)
-    sharding.check_divisible(abstract, specs, axis_sizes)
+    sharding.check_divisible(abstract, axis_sizes)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
-    params_bytes = sharding.bytes_per_device(abstract["params"], specs["params"], axis_sizes)
-    opt_bytes = sharding.bytes_per_device(abstract["opt_state"], specs["opt_state"], axis_sizes)
+    params_bytes = sharding.bytes_per_device(abstract["params"], axis_sizes)
+    opt_bytes = sharding.bytes_per_device(abstract["opt_state"], axis_sizes)
     t = cfg.train
     fpt = flops_per_token(cfg.model, t.seq_len)
     return {

@@ -58,19 +58,21 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def state_specs(state: nnx.State) -> nnx.State:
-    """PartitionSpec per variable from its `out_sharding` logical names (replicated if none)."""
-    def spec(var):
-        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-        return logical_to_spec(tuple(names)) if names else P()
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def leaf_specs(tree) -> list[P]:
+    """PartitionSpec of each array leaf of `tree` (flatten order), from the logical names in its
+    variable's `out_sharding` metadata; leaves outside a named variable (counters) are replicated."""
+    nodes = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    specs = []
+    for node in nodes:
+        names = node.get_metadata().get("out_sharding") if isinstance(node, nnx.Variable) else None
+        specs.append(logical_to_spec(tuple(names)) if names else P())
+    return specs
 
 
-def check_divisible(state: nnx.State, specs, axis_sizes: dict[str, int]) -> None:
+def check_divisible(tree, axis_sizes: dict[str, int]) -> None:
     """Every sharded dimension must divide by its mesh axes: one clear error naming the parameter."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    for (path, leaf), spec in zip(leaves, spec_leaves):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for (path, leaf), spec in zip(leaves, leaf_specs(tree)):
         for dim, axes in zip(leaf.shape, spec):
             axes = (axes,) if isinstance(axes, str) else (axes or ())
             n = math.prod(axis_sizes[a] for a in axes)
@@ -81,8 +83,9 @@ def check_divisible(state: nnx.State, specs, axis_sizes: dict[str, int]) -> None
                     f"{axes} of size {n}; change mesh.* or the model size")
 
 
-def shardings(mesh: Mesh, specs):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+def shardings(mesh: Mesh, tree):
+    """A tree shaped like `tree` (variables kept) holding each leaf's NamedSharding."""
+    return jax.tree.unflatten(jax.tree.structure(tree), [NamedSharding(mesh, s) for s in leaf_specs(tree)])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,12 +93,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length")))
 
 
-def bytes_per_device(abstract_tree, specs, axis_sizes: dict[str, int]) -> int:
-    """Bytes one device holds for `abstract_tree` laid out by `specs` (ceil per shard)."""
+def bytes_per_device(tree, axis_sizes: dict[str, int]) -> int:
+    """Bytes one device holds for the (abstract) `tree` laid out by its logical names (ceil per shard)."""
     total = 0
-    leaves = jax.tree.leaves(abstract_tree)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    for leaf, spec in zip(leaves, spec_leaves):
+    for leaf, spec in zip(jax.tree.leaves(tree), leaf_specs(tree)):
         shape = list(leaf.shape)
         for i, axes in enumerate(spec):
             axes = (axes,) if isinstance(axes, str) else (axes or ())

@@ -74,9 +74,8 @@ def abstract_train_state(cfg: Config):
 
 def setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     graphdef, tx, init_fn, abstract = abstract_train_state(cfg)
-    specs = sharding.state_specs(abstract)
-    sharding.check_divisible(abstract, specs, dict(mesh.shape))
-    state_shardings = sharding.shardings(mesh, specs)
+    sharding.check_divisible(abstract, dict(mesh.shape))
+    state_shardings = sharding.shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = make_train_step(cfg, graphdef, tx, state_shardings, batch_sh, mesh)
     return TrainSetup(cfg, mesh, graphdef, tx, init_fn, abstract, state_shardings, batch_sh, step_fn)
@@ -109,7 +108,7 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, ce), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}

@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-from etils import epath
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -27,6 +26,8 @@ from quietreasoning.training.checkpoint import Checkpointer, load_parameters
 from quietreasoning.training.optimizer import lr_schedule
 from quietreasoning.training.roofline import measure_matmul_roof
 from quietreasoning.training.train_step import put_batch, setup
+from quietreasoning.utils import io
+from quietreasoning.utils.io import atomic_write_text
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,12 +63,6 @@ def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, st
     return state, 0, "init"
 
 
-def _write_metrics(path: epath.Path, history: list[dict]) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    tmp.rename(path)
-
-
 def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
           progress: bool = True, stop_at: int | None = None) -> TrainResult:
     """Trains `cfg.train.steps` steps (or until `stop_at`, as a preemption would), saving
@@ -82,7 +77,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     schedule = lr_schedule(t)
     data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
 
-    run_dir = epath.Path(cfg.run.out_dir) / cfg.run.name
+    run_dir = io.path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -132,5 +127,5 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
         bar.close()
         ckpt.close()
         if history:
-            _write_metrics(metrics_path, history)
+            atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     return TrainResult(state, start, end, resumed_from, history, n_params, fpt, roof, cfg.checkpoint_dir)

@@ -1,0 +1,19 @@
+"""The one I/O layer: every file path (local or gs://) goes through etils.epath."""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    return epath.Path(p)
+
+
+def atomic_write_text(p: str | os.PathLike, text: str) -> None:
+    """Writes to a temporary name, then renames over `p`: a reader never sees half a file."""
+    dst = epath.Path(p)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(dst)
