@@ -19,7 +19,12 @@ def parser(description: str, default_config: str) -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The config; on a multi-host slice (`run.distributed=true`) also joins the other hosts."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.run.distributed:
+        import jax
+        jax.distributed.initialize()
+    return cfg
 
 
 def one_line_errors(main):

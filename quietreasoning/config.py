@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -115,6 +116,7 @@ class CheckpointConfig:
 class RunConfig:
     name: str
     out_dir: str
+    distributed: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,19 +210,24 @@ def _coerce(value: Any, typ: type, key: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f"{source}: {key}={value!r} must be a finite float")
     elif typ is str:
         if value is None:
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: {key}={value!r} must be a {typ.__name__}")
+    raise ConfigError(f"{source}: {key}={value!r} must be {'an' if typ is int else 'a'} {typ.__name__}")
 
 
 def _build(tree: dict, origin: dict[str, str]) -> Config:
@@ -237,19 +244,24 @@ def _build(tree: dict, origin: dict[str, str]) -> Config:
     return Config(**sections)
 
 
-def _validate(cfg: Config, origin: dict[str, str]) -> None:
-    def fail(key: str, message: str) -> None:
-        raise ConfigError(f"{origin.get(key, 'config')}: {message}")
+def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
+    def fail(keys: str | tuple[str, ...], message: str) -> None:
+        # blame the last layer that set any of the keys involved (command line > preset > base)
+        sources = [origin.get(k, "config") for k in ((keys,) if isinstance(keys, str) else keys)]
+        source = max(sources, key=lambda s: layers.index(s) if s in layers else -1)
+        raise ConfigError(f"{source}: {message}")
 
     m, t = cfg.model, cfg.train
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
         if getattr(m, key) <= 0:
             fail(f"model.{key}", f"model.{key}={getattr(m, key)} must be positive")
+    if m.head_dim < 0:
+        fail("model.head_dim", f"model.head_dim={m.head_dim} must be positive, or 0 for d_model / n_heads")
     if m.head_dim == 0 and m.d_model % m.n_heads:
-        fail("model.n_heads", f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        fail(("model.n_heads", "model.d_model", "model.head_dim"), f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
              "pick a divisor or set model.head_dim")
     if m.n_heads % m.n_kv_heads:
-        fail("model.n_kv_heads", f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+        fail(("model.n_kv_heads", "model.n_heads"), f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
     if m.resolved_head_dim % 2:
         fail("model.head_dim", f"head dimension {m.resolved_head_dim} must be even for RoPE")
     for key in ("compute_dtype", "param_dtype"):
@@ -264,15 +276,15 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"train.{key}={getattr(t, key)} must not be negative")
     if t.global_batch % t.grad_accum:
-        fail("train.grad_accum", f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
+        fail(("train.grad_accum", "train.global_batch"), f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
         if v == 0 or v < -1:
             fail(f"mesh.{key}", f"mesh.{key}={v} must be a positive size or -1 (fill)")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        fail("mesh.data", "at most one mesh axis may be -1")
+        fail(("mesh.data", "mesh.fsdp", "mesh.tensor"), "at most one mesh axis may be -1")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.max_to_keep <= 0:
-        fail("checkpoint.every", "checkpoint.every and checkpoint.max_to_keep must be positive")
+        fail(("checkpoint.every", "checkpoint.max_to_keep"), "checkpoint.every and checkpoint.max_to_keep must be positive")
     if cfg.data.synthetic_successors <= 0:
         fail("data.synthetic_successors", "data.synthetic_successors must be positive")
 
@@ -281,14 +293,18 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
     """base.yaml, then `preset` (a path or a name under configs/), then `key=value` overrides."""
     tree: dict[str, dict[str, Any]] = {}
     origin: dict[str, str] = {}
-    _merge(tree, _read_yaml(BASE_CONFIG), str(BASE_CONFIG.relative_to(REPO_ROOT)), origin)
+    layers = [str(BASE_CONFIG.relative_to(REPO_ROOT))]
+    _merge(tree, _read_yaml(BASE_CONFIG), layers[0], origin)
     if preset:
-        path = str(preset)
+        path = source = str(preset)
         if not path.endswith((".yaml", ".yml")) and "/" not in path:
             path = str(REPO_ROOT / "configs" / f"{path}.yaml")
-        _merge(tree, _read_yaml(path), str(preset), origin)
+            source = f"configs/{preset}.yaml"
+        layers.append(source)
+        _merge(tree, _read_yaml(path), source, origin)
+    layers.append("command line")
     _merge(tree, parse_overrides(list(overrides)), "command line", origin)
     cfg = _build(tree, origin)
-    _validate(cfg, origin)
+    _validate(cfg, origin, layers)
     return cfg
 

@@ -121,8 +121,6 @@ def test_scientific_floats_without_a_dot_are_accepted_in_a_preset_file(tmp_path)
     assert cfg.train.z_loss == pytest.approx(5e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "BUG: non-finite floats pass validation (nan < 0 is False): train.lr=.nan / nan / inf load"))
 @pytest.mark.parametrize("raw", [".nan", "nan", ".inf", "inf"])
 def test_non_finite_floats_are_rejected(raw):
     config_error("tiny", [f"train.lr={raw}"])
@@ -294,9 +292,6 @@ def test_two_fill_axes_in_the_mesh_are_rejected():
     config_error("tiny", ["mesh.data=-1", "mesh.fsdp=-1"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: checks on two keys report the origin of one fixed key (model.n_heads, mesh.data, "
-    "checkpoint.every), so the layer that set the other key and caused the error is not named"))
 @pytest.mark.parametrize("preset, override", [
     ("3b", "model.d_model=2000"),           # blames 3b (model.n_heads), not the command line
     ("tiny", "mesh.fsdp=-1"),               # blames configs/base.yaml (mesh.data)
@@ -306,9 +301,6 @@ def test_a_cross_key_error_names_the_layer_that_set_the_offending_value(preset, 
     assert config_error(preset, [override]).startswith("command line:")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: a preset given by name is reported by that name ('typo:') rather than its file "
-    "(configs/typo.yaml)"))
 def test_an_error_in_a_preset_given_by_name_names_its_file(tmp_path, monkeypatch):
     from quietreasoning import config as config_module
     (tmp_path / "configs").mkdir()
@@ -321,8 +313,6 @@ def test_an_error_in_a_preset_given_by_name_names_its_file(tmp_path, monkeypatch
     assert message.startswith("configs/typo.yaml:")
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "BUG: a negative model.head_dim (e.g. -4) is accepted and gives resolved_head_dim=-4"))
 def test_negative_head_dim_is_rejected():
     config_error("tiny", ["model.head_dim=-4"])
 

@@ -46,7 +46,7 @@ def test_parameters_are_sharded_by_logical_name():
     cfg = micro_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     mesh = sharding.make_mesh(cfg)
     ts = setup(cfg, mesh)
-    wq = ts.state_shardings["params"]["blocks"][0]["attn"]["wq"][...]
+    wq, = jax.tree.leaves(ts.state_shardings["params"]["blocks"][0]["attn"]["wq"])
     assert tuple(wq.spec) == ("fsdp", "tensor")
     with jax.set_mesh(mesh):
         state = ts.init()

@@ -11,28 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 import orbax.checkpoint as ocp
-from quietreasoning.utils import io
 
 from quietreasoning.config import ConfigError
+from quietreasoning.utils import io
 
 
 class Checkpointer:
     """One CheckpointManager for a run directory (local or gs://)."""
 
-    def __init__(self, directory: str, *, every: int = 1, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = io.path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=every,
-            enable_async_checkpointing=async_save, create=True)
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> bool:
-        return self.manager.save(
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        """Saves `step` now (in the background when async); the caller decides when."""
+        self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force)
+            force=True)
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""

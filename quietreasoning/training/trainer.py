@@ -82,13 +82,14 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     metrics_path = run_dir / "metrics.jsonl"
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
 
-    ckpt = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every,
-                        max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
+    ckpt = Checkpointer(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.max_to_keep,
+                        async_save=cfg.checkpoint.async_save)
     with jax.set_mesh(mesh):
         state, start, resumed_from = _restore_or_init(cfg, ts, ckpt)
         history = [h for h in history if h["step"] <= start]
         end = min(t.steps, stop_at) if stop_at is not None else t.steps
-        bar = tqdm(total=t.steps, initial=start, disable=not progress, desc=f"{t.stage}", unit="step",
+        lead = jax.process_index() == 0
+        bar = tqdm(total=t.steps, initial=start, disable=not (progress and lead), desc=f"{t.stage}", unit="step",
                    dynamic_ncols=True)
         window_t0, window_steps = time.perf_counter(), 0
         for step in range(start, end):
@@ -122,10 +123,11 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                                 **({"mfu": f"{record['mfu']:.0%}"} if "mfu" in record else {}))
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
-            meta = {"stage": t.stage, "step": done, "data_position": done, "config": cfg.to_dict()}
-            ckpt.save(done, state, meta, force=done == end)
+            if done % cfg.checkpoint.every == 0 or done == end:
+                meta = {"stage": t.stage, "step": done, "data_position": done, "config": cfg.to_dict()}
+                ckpt.save(done, state, meta)
         bar.close()
         ckpt.close()
-        if history:
+        if history and lead:
             atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     return TrainResult(state, start, end, resumed_from, history, n_params, fpt, roof, cfg.checkpoint_dir)

@@ -8,12 +8,14 @@ from etils import epath
 
 
 def path(p: str | os.PathLike) -> epath.Path:
-    return epath.Path(p)
+    """A local path made absolute (Orbax requires it), or a cloud URL (gs://...) as given."""
+    p = os.fspath(p)
+    return epath.Path(p if "://" in p else os.path.abspath(p))
 
 
 def atomic_write_text(p: str | os.PathLike, text: str) -> None:
     """Writes to a temporary name, then renames over `p`: a reader never sees half a file."""
-    dst = epath.Path(p)
+    dst = path(p)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(dst)

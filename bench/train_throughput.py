@@ -1,0 +1,113 @@
+"""Train-step throughput and MFU against the machine's measured matmul roof, in one process.
+
+    python bench/train_throughput.py                 # tiny and small, appends to docs/benchmarks.md
+    python bench/train_throughput.py --presets tiny --steps 3 --no-append
+
+The roof is a jitted (n, n) @ (n, n) matmul with bfloat16 inputs and float32 accumulation
+(the trunk's compute path), median of several runs; the float32 roof is shown beside it.
+MFU = model FLOP/s per device / roof. Model FLOPs per token follow the PaLM accounting
+(6 x matmul parameters + 12 x layers x heads x head_dim x seq_len), no rematerialisation counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quietreasoning.config import load_config
+from quietreasoning.data.synthetic import SyntheticLanguage
+from quietreasoning.model.trunk import flops_per_token
+from quietreasoning.training import sharding
+from quietreasoning.training.roofline import measure_matmul_roof
+from quietreasoning.training.train_step import put_batch, setup
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
+    cfg = load_config(preset, overrides)
+    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+    ts = setup(cfg, mesh)
+    t = cfg.train
+    data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
+    batches = [put_batch(data.batch(i, t.global_batch, t.seq_len), ts.batch_sharding) for i in range(steps + 1)]
+    with jax.set_mesh(mesh):
+        state = ts.init()
+        t0 = time.perf_counter()
+        state, m = ts.step_fn(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for b in batches[1:]:
+            t0 = time.perf_counter()
+            state, m = ts.step_fn(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens = t.global_batch * t.seq_len
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    n_params = sum(x.size for x in jax.tree.leaves(ts.abstract_state["params"]))
+    return {"preset": preset, "params": n_params, "tokens_per_step": tokens, "step_s": step_s,
+            "compile_s": compile_s, "tokens_per_s": tokens / step_s, "flops_per_s": fpt * tokens / step_s,
+            "remat": cfg.model.remat, "dtype": cfg.model.compute_dtype}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per preset (after one compile step)")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every preset")
+    args = p.parse_args(argv)
+
+    roof_bf16 = measure_matmul_roof(dtype=jnp.bfloat16)
+    roof_f32 = measure_matmul_roof(dtype=jnp.float32)
+    rows = [time_train_step(preset, args.steps, args.overrides) for preset in args.presets]
+    roof_after = measure_matmul_roof(dtype=jnp.bfloat16)  # the machine is shared: check it did not drift
+    roof = max(roof_bf16, roof_after)
+
+    header = "| preset | params | tokens/step | step (s) | tokens/s | model GFLOP/s | MFU vs bf16 roof | compile (s) |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['step_s']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / roof:.1%} | "
+                     f"{r['compile_s']:.1f} |")
+    roof_line = (f"matmul roof (2048^3, 1 device): bf16 in / f32 acc {roof_bf16 / 1e9:.0f} GFLOP/s "
+                 f"(again after the runs: {roof_after / 1e9:.0f}), f32 {roof_f32 / 1e9:.0f} GFLOP/s")
+    table = "\n".join(lines)
+    print(roof_line)
+    print(table)
+    if not args.no_append:
+        cmd = "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        machine = (f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+                   f"backend {jax.default_backend()}, {len(jax.devices())} device(s)")
+        section = (f"\n## Train step throughput ({datetime.date.today().isoformat()})\n\n"
+                   f"Command: `{cmd.strip()}`  \nMachine: {machine}  \n{roof_line}\n\n{table}\n")
+        os.makedirs(os.path.dirname(DOC), exist_ok=True)
+        with open(DOC, "a") as f:
+            f.write(section)
+        print(f"appended to {os.path.normpath(DOC)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
