@@ -100,7 +100,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str  # "synthetic" or a TFRecord file pattern
+    source: str  # one of DATA_SOURCES
     synthetic_successors: int
 
 
@@ -139,6 +139,7 @@ class Config:
 SECTIONS: dict[str, type] = get_type_hints(Config)
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+DATA_SOURCES = ("synthetic",)
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -285,6 +286,8 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail(("mesh.data", "mesh.fsdp", "mesh.tensor"), "at most one mesh axis may be -1")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.max_to_keep <= 0:
         fail(("checkpoint.every", "checkpoint.max_to_keep"), "checkpoint.every and checkpoint.max_to_keep must be positive")
+    if cfg.data.source not in DATA_SOURCES:
+        fail("data.source", f"data.source={cfg.data.source!r} is not a known source; use one of {DATA_SOURCES}")
     if cfg.data.synthetic_successors <= 0:
         fail("data.synthetic_successors", "data.synthetic_successors must be positive")
 

@@ -455,3 +455,8 @@ def test_train_cli_3b_dry_run_prints_one_json_plan(run_cli):
     assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 2}
     assert report["flops_per_token"] > 6 * report["params"]  # 6N plus attention
     assert 0 < report["bytes_per_device"]
+
+
+def test_an_unknown_data_source_is_an_error_not_a_silent_fallback():
+    message = config_error("tiny", ["data.source=gs://bucket/train-*.tfrecord"])
+    assert message.startswith("command line:") and "data.source" in message and "synthetic" in message

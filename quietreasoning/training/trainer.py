@@ -24,7 +24,7 @@ from quietreasoning.model.trunk import flops_per_token
 from quietreasoning.training import sharding
 from quietreasoning.training.checkpoint import Checkpointer, load_parameters
 from quietreasoning.training.optimizer import lr_schedule
-from quietreasoning.training.roofline import measure_matmul_roof
+from quietreasoning.training.roofline import machine_roof
 from quietreasoning.training.train_step import put_batch, setup
 from quietreasoning.utils import io
 from quietreasoning.utils.io import atomic_write_text
@@ -73,7 +73,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     n_devices = mesh.devices.size
     n_params = sum(x.size for x in jax.tree.leaves(ts.abstract_state["params"]))
     fpt = flops_per_token(cfg.model, t.seq_len)
-    roof = measure_matmul_roof() if measure_roof else None
+    roof = machine_roof() if measure_roof else None
     schedule = lr_schedule(t)
     data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
 
