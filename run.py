@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     print(f"Quiet Reasoning: training the '{args.config}' trunk on the synthetic language "
           f"(vocab {cfg.model.vocab_size}, unigram entropy {unigram:.2f} nats, floor {floor:.2f} nats)")
     r = train(cfg)
+    if cli.said_nothing_to_train(r, cfg):
+        return 0
     last = r.history[-1] if r.history else {}
     print(f"model: {r.n_params:,} parameters, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}")
     print(f"steps: {r.start_step} -> {r.final_step} (start: {r.resumed_from}), "

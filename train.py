@@ -26,10 +26,7 @@ def main(argv=None) -> int:
         import jax
 
         from quietreasoning.training.plan import plan
-        m = cfg.mesh
-        fixed = -1 not in (m.data, m.fsdp, m.tensor)
-        n = args.devices or (m.data * m.fsdp * m.tensor if fixed else jax.device_count())
-        report = plan(cfg, n)
+        report = plan(cfg, args.devices or cfg.mesh.fixed_devices or jax.device_count())
         if args.json:
             print(json.dumps(report))
         else:
@@ -39,6 +36,8 @@ def main(argv=None) -> int:
 
     from quietreasoning.training.trainer import train
     result = train(cfg)
+    if cli.said_nothing_to_train(result, cfg):
+        return 0
     print(f"trained {result.n_params:,} parameters, steps {result.start_step} -> {result.final_step} "
           f"(start: {result.resumed_from}); final loss {result.final_loss:.4f}; "
           f"checkpoints in {result.checkpoint_dir}")

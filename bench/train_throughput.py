@@ -33,14 +33,15 @@ DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 
 
 def cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (which decides the faster roof dtype)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            info = f.read()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown")
+    return f"{name} (avx512_bf16: {'yes' if 'avx512_bf16' in info else 'no'})"
 
 
 def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
@@ -65,8 +66,7 @@ def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
     step_s = float(np.median(times))
     tokens = t.global_batch * t.seq_len
     fpt = flops_per_token(cfg.model, t.seq_len)
-    n_params = sum(x.size for x in jax.tree.leaves(ts.abstract_state["params"]))
-    return {"preset": preset, "params": n_params, "tokens_per_step": tokens, "step_s": step_s,
+    return {"preset": preset, "params": ts.n_params, "tokens_per_step": tokens, "step_s": step_s,
             "compile_s": compile_s, "tokens_per_s": tokens / step_s, "flops_per_s": fpt * tokens / step_s,
             "remat": cfg.model.remat, "dtype": cfg.model.compute_dtype}
 

@@ -27,6 +27,15 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def said_nothing_to_train(result, cfg: Config) -> bool:
+    """Says so when a resumed run was already at (or past) `train.steps`."""
+    if result.final_step > result.start_step:
+        return False
+    print(f"nothing to train: the checkpoint in {result.checkpoint_dir} is at step {result.start_step} and "
+          f"train.steps={cfg.train.steps}; raise train.steps to go on, or set run.name for a new run")
+    return True
+
+
 def one_line_errors(main):
     """Turns the errors a user can fix into one line on stderr and an exit code (2 for bad
     input), instead of a traceback."""

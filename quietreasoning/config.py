@@ -76,8 +76,14 @@ class MeshConfig:
     fsdp: int
     tensor: int
 
-    def shape(self, n_devices: int) -> dict[str, int]:
-        """Axis sizes with a single -1 filled so the product equals `n_devices`."""
+    @property
+    def fixed_devices(self) -> int | None:
+        """The device count the sizes name when none is -1, else None."""
+        return None if -1 in (self.data, self.fsdp, self.tensor) else self.data * self.fsdp * self.tensor
+
+    def shape(self, n_devices: int, source: str = "mesh") -> dict[str, int]:
+        """Axis sizes with a single -1 filled so the product equals `n_devices`; `source` names
+        the file that set the sizes in the error."""
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         known = 1
         for v in sizes.values():
@@ -87,13 +93,13 @@ class MeshConfig:
         if fill:
             if n_devices % known:
                 raise ConfigError(
-                    f"mesh: fixed axes multiply to {known}, which does not divide the "
+                    f"{source}: fixed mesh axes multiply to {known}, which does not divide the "
                     f"{n_devices} devices; change mesh.* so one -1 can fill the rest")
             sizes[fill[0]] = n_devices // known
         product = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
         if product != n_devices:
             raise ConfigError(
-                f"mesh: data*fsdp*tensor = {product} but there are {n_devices} devices; "
+                f"{source}: mesh.data*mesh.fsdp*mesh.tensor = {product} but there are {n_devices} devices; "
                 f"set the sizes to multiply to {n_devices} or make one of them -1")
         return sizes
 
@@ -130,6 +136,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def mesh_shape(self, n_devices: int) -> dict[str, int]:
+        """The mesh axis sizes for `n_devices`; errors name the file that set mesh.*."""
+        return self.mesh.shape(n_devices, getattr(self, "_mesh_source", "mesh"))
 
     @property
     def checkpoint_dir(self) -> str:
@@ -259,10 +269,12 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
     if m.head_dim < 0:
         fail("model.head_dim", f"model.head_dim={m.head_dim} must be positive, or 0 for d_model / n_heads")
     if m.head_dim == 0 and m.d_model % m.n_heads:
-        fail(("model.n_heads", "model.d_model", "model.head_dim"), f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        fail(("model.n_heads", "model.d_model", "model.head_dim"),
+             f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
              "pick a divisor or set model.head_dim")
     if m.n_heads % m.n_kv_heads:
-        fail(("model.n_kv_heads", "model.n_heads"), f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+        fail(("model.n_kv_heads", "model.n_heads"),
+             f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
     if m.resolved_head_dim % 2:
         fail("model.head_dim", f"head dimension {m.resolved_head_dim} must be even for RoPE")
     for key in ("compute_dtype", "param_dtype"):
@@ -273,11 +285,22 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
     for key in ("steps", "seq_len", "global_batch", "grad_accum", "log_every"):
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"train.{key}={getattr(t, key)} must be positive")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"model.{key}={getattr(m, key)} must be positive")
+    for key in ("b1", "b2"):
+        if not 0 <= getattr(t, key) < 1:
+            fail(f"train.{key}", f"train.{key}={getattr(t, key)} must be in [0, 1)")
+    if t.eps <= 0:
+        fail("train.eps", f"train.eps={t.eps} must be positive")
+    if t.min_lr_ratio > 1:
+        fail("train.min_lr_ratio", f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1")
     for key in ("lr", "warmup_steps", "weight_decay", "clip_norm", "z_loss", "min_lr_ratio"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"train.{key}={getattr(t, key)} must not be negative")
     if t.global_batch % t.grad_accum:
-        fail(("train.grad_accum", "train.global_batch"), f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
+        fail(("train.grad_accum", "train.global_batch"),
+             f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
         if v == 0 or v < -1:
@@ -288,6 +311,8 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail(("checkpoint.every", "checkpoint.max_to_keep"), "checkpoint.every and checkpoint.max_to_keep must be positive")
     if cfg.data.source not in DATA_SOURCES:
         fail("data.source", f"data.source={cfg.data.source!r} is not a known source; use one of {DATA_SOURCES}")
+    if cfg.data.source == "synthetic" and m.vocab_size < 4:
+        fail(("model.vocab_size", "data.source"), f"model.vocab_size={m.vocab_size}: the synthetic language needs at least 4")
     if cfg.data.synthetic_successors <= 0:
         fail("data.synthetic_successors", "data.synthetic_successors must be positive")
 
@@ -309,5 +334,8 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
     _merge(tree, parse_overrides(list(overrides)), "command line", origin)
     cfg = _build(tree, origin)
     _validate(cfg, origin, layers)
+    # the device count is known only when the mesh is built: remember which file set mesh.*
+    mesh_source = max((origin[f"mesh.{k}"] for k in ("data", "fsdp", "tensor")), key=layers.index)
+    object.__setattr__(cfg, "_mesh_source", mesh_source)
     return cfg
 

@@ -2,8 +2,10 @@
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import micro_config
+from quietreasoning.config import ConfigError
 from quietreasoning.training import sharding
 from quietreasoning.training.checkpoint import Checkpointer
 from quietreasoning.training.train_step import setup
@@ -58,3 +60,9 @@ def test_load_parameters_path_starts_a_new_run_from_saved_parameters(tmp_path):
     assert fresh.resumed_from == "parameters" and fresh.final_step == 0
     for a, b in zip(jax.tree.leaves(_params(source)), jax.tree.leaves(_params(fresh))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_a_run_with_another_model_size_is_a_clear_error(tmp_path):
+    train(micro_config("train.steps=1", out_dir=tmp_path), measure_roof=False, progress=False)
+    with pytest.raises(ConfigError, match=r"model.d_model=64 there, 128 here.*set run.name"):
+        train(micro_config("train.steps=2", "model.d_model=128", out_dir=tmp_path), measure_roof=False, progress=False)

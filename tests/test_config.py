@@ -293,9 +293,9 @@ def test_two_fill_axes_in_the_mesh_are_rejected():
 
 
 @pytest.mark.parametrize("preset, override", [
-    ("3b", "model.d_model=2000"),           # blames 3b (model.n_heads), not the command line
-    ("tiny", "mesh.fsdp=-1"),               # blames configs/base.yaml (mesh.data)
-    ("tiny", "checkpoint.max_to_keep=0"),   # blames configs/base.yaml (checkpoint.every)
+    ("3b", "model.d_model=2000"),           # n_heads comes from 3b.yaml, the bad d_model from the command line
+    ("tiny", "mesh.fsdp=-1"),               # the second -1 comes from the command line
+    ("tiny", "checkpoint.max_to_keep=0"),   # checkpoint.every is base.yaml's, max_to_keep the command line's
 ])
 def test_a_cross_key_error_names_the_layer_that_set_the_offending_value(preset, override):
     assert config_error(preset, [override]).startswith("command line:")
@@ -460,3 +460,13 @@ def test_train_cli_3b_dry_run_prints_one_json_plan(run_cli):
 def test_an_unknown_data_source_is_an_error_not_a_silent_fallback():
     message = config_error("tiny", ["data.source=gs://bucket/train-*.tfrecord"])
     assert message.startswith("command line:") and "data.source" in message and "synthetic" in message
+
+
+def test_a_mesh_that_does_not_fit_the_devices_names_the_file_that_set_it(tmp_path):
+    preset = write(tmp_path / "mesh.yaml", "mesh:\n  data: 3\n  fsdp: 1\n  tensor: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset).mesh_shape(8)
+    assert str(info.value).startswith(f"{preset}:") and "8 devices" in str(info.value)
+    with pytest.raises(ConfigError, match="^command line: "):
+        load_config("tiny", ["mesh.data=3"]).mesh_shape(8)
+    assert load_config("3b").mesh.fixed_devices == 16 and load_config("tiny").mesh.fixed_devices is None

@@ -15,3 +15,10 @@ def test_run_py_trains_reports_and_resumes(run_cli, tmp_path):
     again = run_cli("run.py", *args[:-3], "train.steps=6", "checkpoint.every=2", "train.log_every=2", "run.name=e2e")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "start: checkpoint" in again.stdout and "steps: 4 -> 6" in again.stdout
+
+
+def test_run_py_reports_a_bad_config_in_one_line_with_exit_code_2(run_cli):
+    bad = run_cli("run.py", "model.n_heads=7")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: ")
+    assert "model.n_heads=7" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,9 +2,11 @@
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from helpers import micro_config
+from quietreasoning.config import ConfigError
 from quietreasoning.data.synthetic import SyntheticLanguage
 from quietreasoning.training import sharding
 from quietreasoning.training.train_step import put_batch, setup
@@ -56,12 +58,19 @@ def test_parameters_are_sharded_by_logical_name():
     assert mu.sharding.spec == w_up.sharding.spec
 
 
-def test_gradient_accumulation_matches_the_full_batch():
-    mesh = sharding.make_mesh(micro_config("mesh.data=1"), jax.devices()[:1])
-    full_losses, full = _run_steps(micro_config("model.compute_dtype=float32", "mesh.data=1"), mesh)
-    acc_losses, acc = _run_steps(micro_config("model.compute_dtype=float32", "mesh.data=1", "train.grad_accum=4"), mesh)
+def test_gradient_accumulation_matches_the_full_batch_on_a_sharded_mesh():
+    mesh_keys = ("model.compute_dtype=float32", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    mesh = sharding.make_mesh(micro_config(*mesh_keys))
+    full_losses, full = _run_steps(micro_config(*mesh_keys), mesh)
+    acc_losses, acc = _run_steps(micro_config(*mesh_keys, "train.grad_accum=4"), mesh)
     np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
     _assert_params_close(acc, full, rtol=1e-4, atol=1e-6)
+
+
+def test_a_micro_batch_that_does_not_split_over_the_data_axes_is_a_config_error():
+    cfg = micro_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.grad_accum=8")
+    with pytest.raises(ConfigError, match="train.global_batch=16 / train.grad_accum=8"):
+        setup(cfg, sharding.make_mesh(cfg))
 
 
 def test_synthetic_stream_is_deterministic_and_packed():

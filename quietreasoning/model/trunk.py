@@ -129,7 +129,9 @@ class Trunk(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.compute_dtype)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
+        # a tied table is also the output matrix: give it the weights' scale, or the first logits are huge
+        embed_std = cfg.init_std if cfg.tie_embeddings else 1.0
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), embed_std, pdt)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:

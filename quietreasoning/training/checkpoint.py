@@ -47,8 +47,9 @@ class Checkpointer:
                 "or set checkpoint.dir to a fresh directory") from e
         return out.state, dict(out.meta)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record of `step` (stage, data position, resolved config) without the arrays."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

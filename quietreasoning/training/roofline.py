@@ -17,10 +17,10 @@ import numpy as np
 ROOF_DTYPES = ("float32", "bfloat16")
 
 
-def measure_matmul_roof(n: int = 2048, dtype=jnp.bfloat16, reps: int = 5, device=None) -> float:
-    """Median FLOP/s of an (n, n) @ (n, n) jitted matmul on one device, `dtype` inputs with
-    float32 accumulation (the trunk's compute path)."""
-    device = device or jax.devices()[0]
+def measure_matmul_roof(n: int = 2048, dtype=jnp.bfloat16, reps: int = 5) -> float:
+    """Median FLOP/s of an (n, n) @ (n, n) jitted matmul on one of this process's devices,
+    `dtype` inputs with float32 accumulation (the trunk's compute path)."""
+    device = jax.local_devices()[0]
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), device)
     b = jax.device_put(jax.random.normal(key_b, (n, n), dtype), device)

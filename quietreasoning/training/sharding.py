@@ -51,11 +51,18 @@ def logical_to_spec(names: tuple[str | None, ...]) -> P:
 
 
 def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (all devices by default), Auto axis types."""
+    """The (data, fsdp, tensor) mesh over `devices` (all devices by default), Auto axis types,
+    laid out by `jax.make_mesh` to follow the accelerator topology."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = cfg.mesh.shape(len(devices))
+    sizes = cfg.mesh_shape(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _shards(spec: P, axis_sizes: dict[str, int]) -> list[int]:
+    """How many ways each dimension of a `spec`-laid-out array is split."""
+    return [math.prod(axis_sizes[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
+            for axes in spec]
 
 
 def leaf_specs(tree) -> list[P]:
@@ -73,9 +80,7 @@ def check_divisible(tree, axis_sizes: dict[str, int]) -> None:
     """Every sharded dimension must divide by its mesh axes: one clear error naming the parameter."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for (path, leaf), spec in zip(leaves, leaf_specs(tree)):
-        for dim, axes in zip(leaf.shape, spec):
-            axes = (axes,) if isinstance(axes, str) else (axes or ())
-            n = math.prod(axis_sizes[a] for a in axes)
+        for dim, axes, n in zip(leaf.shape, spec, _shards(spec, axis_sizes)):
             if dim % n:
                 name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
                 raise ConfigError(
@@ -97,10 +102,6 @@ def bytes_per_device(tree, axis_sizes: dict[str, int]) -> int:
     """Bytes one device holds for the (abstract) `tree` laid out by its logical names (ceil per shard)."""
     total = 0
     for leaf, spec in zip(jax.tree.leaves(tree), leaf_specs(tree)):
-        shape = list(leaf.shape)
-        for i, axes in enumerate(spec):
-            axes = (axes,) if isinstance(axes, str) else (axes or ())
-            n = math.prod(axis_sizes[a] for a in axes)
-            shape[i] = -(-shape[i] // n)
+        shape = [-(-dim // n) for dim, n in zip(leaf.shape, _shards(spec, axis_sizes))]
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total

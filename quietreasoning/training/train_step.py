@@ -8,6 +8,7 @@ every call costs more than the step on small models).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -16,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from quietreasoning.config import Config
+from quietreasoning.config import Config, ConfigError
 from quietreasoning.model.trunk import Trunk
 from quietreasoning.training import sharding
 from quietreasoning.training.optimizer import make_optimizer
@@ -50,12 +51,23 @@ class TrainSetup:
         key = jax.random.key(self.cfg.train.seed)
         return jax.jit(self.init_fn, out_shardings=self.state_shardings)(key)
 
+    def state_from_params(self, params) -> dict[str, Any]:
+        """A train state around given (e.g. loaded) params: fresh optimizer, step 0."""
+        fn = lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}
+        return jax.jit(fn, out_shardings=self.state_shardings)(params)
+
     def abstract_sharded(self) -> dict[str, Any]:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
 
-    def model(self, params) -> Trunk:
-        return nnx.merge(self.graphdef, params)
+    @property
+    def n_params(self) -> int:
+        return n_params(self.abstract_state)
+
+
+def n_params(state) -> int:
+    """Exact parameter count of a (possibly abstract) train state."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
 
 
 def abstract_train_state(cfg: Config):
@@ -74,6 +86,12 @@ def abstract_train_state(cfg: Config):
 
 def setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     graphdef, tx, init_fn, abstract = abstract_train_state(cfg)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if micro % data_parallel:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} / train.grad_accum={cfg.train.grad_accum} = {micro} rows "
+            f"per micro-batch do not split over mesh data*fsdp={data_parallel}; make it a multiple")
     sharding.check_divisible(abstract, dict(mesh.shape))
     state_shardings = sharding.shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
@@ -99,7 +117,9 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
         if accum == 1:
             (_, ce), grads = grad_fn(params, batch, denom)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+            # micro-batch m takes rows m, m + accum, ...: every micro-batch spans every device
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                                 batch)
 
             def body(carry, mb):
                 g_acc, ce_acc = carry
@@ -112,7 +132,7 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": ce / denom, "grad_norm": grad_norm, "tokens": denom}
+        metrics = {"loss": ce / denom, "grad_norm": grad_norm}
         return new_state, metrics
 
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
@@ -122,11 +142,7 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
 
 
 def put_batch(batch: dict[str, Any], batch_sh: NamedSharding) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of the batch (rows split over processes)."""
-    n, i = jax.process_count(), jax.process_index()
-    out = {}
-    for k in BATCH_KEYS:
-        rows = batch[k]
-        per = rows.shape[0] // n
-        out[k] = jax.make_array_from_process_local_data(batch_sh, rows[i * per:(i + 1) * per], rows.shape)
-    return out
+    """Global arrays from the global host batch: each process places only the shards its own
+    devices hold, whatever the mesh layout across hosts."""
+    return {k: jax.make_array_from_callback(batch[k].shape, batch_sh, lambda idx, rows=batch[k]: rows[idx])
+            for k in BATCH_KEYS}

@@ -18,7 +18,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from quietreasoning.config import Config
+from quietreasoning.config import Config, ConfigError
 from quietreasoning.data.synthetic import SyntheticLanguage
 from quietreasoning.model.trunk import flops_per_token
 from quietreasoning.training import sharding
@@ -54,13 +54,19 @@ class TrainResult:
 def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, str]:
     latest = ckpt.latest_step()
     if latest is not None:
+        saved = ckpt.read_meta(latest)["config"]["model"]
+        changed = [f"model.{k}={saved[k]} there, {v} here" for k, v in cfg.to_dict()["model"].items()
+                   if saved.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"{ckpt.directory}: its checkpoints are of another model ({'; '.join(changed)}); "
+                "set run.name (or checkpoint.dir) to start a new run, or drop the model overrides")
         state, meta = ckpt.restore(latest, ts.abstract_sharded())
         return state, int(meta["data_position"]), "checkpoint"
-    state = ts.init()
     if cfg.train.load_parameters_path:
-        state["params"] = load_parameters(cfg.train.load_parameters_path, ts.abstract_sharded()["params"])
-        return state, 0, "parameters"
-    return state, 0, "init"
+        params = load_parameters(cfg.train.load_parameters_path, ts.abstract_sharded()["params"])
+        return ts.state_from_params(params), 0, "parameters"
+    return ts.init(), 0, "init"
 
 
 def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
@@ -71,7 +77,6 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     t = cfg.train
     ts = setup(cfg, mesh)
     n_devices = mesh.devices.size
-    n_params = sum(x.size for x in jax.tree.leaves(ts.abstract_state["params"]))
     fpt = flops_per_token(cfg.model, t.seq_len)
     roof = machine_roof() if measure_roof else None
     schedule = lr_schedule(t)
@@ -87,7 +92,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     with jax.set_mesh(mesh):
         state, start, resumed_from = _restore_or_init(cfg, ts, ckpt)
         history = [h for h in history if h["step"] <= start]
-        end = min(t.steps, stop_at) if stop_at is not None else t.steps
+        end = max(start, min(t.steps, stop_at) if stop_at is not None else t.steps)
         lead = jax.process_index() == 0
         bar = tqdm(total=t.steps, initial=start, disable=not (progress and lead), desc=f"{t.stage}", unit="step",
                    dynamic_ncols=True)
@@ -100,7 +105,9 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
             if step == start:  # the first step includes compilation: restart the clock after it
                 jax.block_until_ready(metrics)
                 window_t0, window_steps = time.perf_counter(), 0
-            if done % t.log_every == 0 or done == end:
+            log_now = done % t.log_every == 0 or done == end
+            save_now = done % cfg.checkpoint.every == 0 or done == end
+            if log_now or save_now:  # a state is checked finite before it is ever saved
                 m = jax.device_get(metrics)
                 if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
                     ckpt.close()
@@ -108,6 +115,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                         f"train: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} at step {done}; "
                         f"lower train.lr (now {t.lr}) or raise train.warmup_steps; the last good checkpoint "
                         f"is in {cfg.checkpoint_dir}")
+            if log_now:
                 dt = time.perf_counter() - window_t0
                 record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                           "lr": float(schedule(done - 1))}
@@ -118,16 +126,16 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                     if roof:
                         record["mfu"] = tflops_dev * 1e12 / roof
                 history.append(record)
+                if lead:  # the whole log so far, renamed into place: a preemption loses nothing logged
+                    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
                                 **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}),
                                 **({"mfu": f"{record['mfu']:.0%}"} if "mfu" in record else {}))
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
-            if done % cfg.checkpoint.every == 0 or done == end:
+            if save_now:
                 meta = {"stage": t.stage, "step": done, "data_position": done, "config": cfg.to_dict()}
                 ckpt.save(done, state, meta)
         bar.close()
         ckpt.close()
-        if history and lead:
-            atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-    return TrainResult(state, start, end, resumed_from, history, n_params, fpt, roof, cfg.checkpoint_dir)
+    return TrainResult(state, start, end, resumed_from, history, ts.n_params, fpt, roof, cfg.checkpoint_dir)
