@@ -75,13 +75,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per preset (after one compile step)")
-    p.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to the results file")
+    p.add_argument("--doc", default=DOC, help="results file to append to (default: docs/benchmarks.md)")
+    p.add_argument("--roof-n", type=int, default=2048,
+                   help="matmul size for the roof (2048 fills a CPU; an accelerator needs 8192)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every preset")
     args = p.parse_args(argv)
 
-    before = matmul_roofs()
+    before = matmul_roofs(args.roof_n)
     rows = [time_train_step(preset, args.steps, args.overrides) for preset in args.presets]
-    after = matmul_roofs()  # the machine is shared: check the roof did not drift during the runs
+    after = matmul_roofs(args.roof_n)  # the machine is shared: check the roof did not drift during the runs
     roof = max(*before.values(), *after.values())
 
     header = "| preset | params | tokens/step | step (s) | tokens/s | model GFLOP/s | MFU | compile (s) |"
@@ -91,21 +94,22 @@ def main(argv=None) -> int:
                      f"{r['tokens_per_s']:,.0f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / roof:.1%} | "
                      f"{r['compile_s']:.1f} |")
     fmt = lambda r: ", ".join(f"{d} {v / 1e9:.0f}" for d, v in r.items())
-    roof_line = (f"matmul roof (2048^3, 1 device, GFLOP/s): before {fmt(before)}; after {fmt(after)}; "
+    roof_line = (f"matmul roof ({args.roof_n}^3, 1 device, GFLOP/s): before {fmt(before)}; after {fmt(after)}; "
                  f"roof used {roof / 1e9:.0f}")
     table = "\n".join(lines)
     print(roof_line)
     print(table)
     if not args.no_append:
         cmd = "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        machine = (f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        device = "" if jax.default_backend() == "cpu" else f"{jax.devices()[0].device_kind} on "
+        machine = (f"{device}{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, "
                    f"backend {jax.default_backend()}, {len(jax.devices())} device(s)")
         section = (f"\n## Train step throughput ({datetime.date.today().isoformat()})\n\n"
                    f"Command: `{cmd.strip()}`  \nMachine: {machine}  \n{roof_line}\n\n{table}\n")
-        os.makedirs(os.path.dirname(DOC), exist_ok=True)
-        with open(DOC, "a") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
+        with open(args.doc, "a") as f:
             f.write(section)
-        print(f"appended to {os.path.normpath(DOC)}")
+        print(f"appended to {os.path.normpath(args.doc)}")
     return 0
 
 
