@@ -38,8 +38,7 @@ def said_nothing_to_train(result, cfg: Config) -> bool:
 
 def one_line_errors(main):
     """Turns the errors a user can fix into one line on stderr and an exit code (2 for bad
-    input), instead of a traceback."""
-    from quietreasoning.training.trainer import TrainingDiverged
+    input, 1 for a diverged run), instead of a traceback."""
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
@@ -48,7 +47,11 @@ def one_line_errors(main):
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except TrainingDiverged as e:
+        except RuntimeError as e:
+            # imported here: the trainer pulls in jax and Orbax, which a config error never needs
+            from quietreasoning.training.trainer import TrainingDiverged
+            if not isinstance(e, TrainingDiverged):
+                raise
             print(f"error: {e}", file=sys.stderr)
             return 1
     return wrapped

@@ -53,8 +53,7 @@ class TrainSetup:
 
     def state_from_params(self, params) -> dict[str, Any]:
         """A train state around given (e.g. loaded) params: fresh optimizer, step 0."""
-        fn = lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}
-        return jax.jit(fn, out_shardings=self.state_shardings)(params)
+        return jax.jit(lambda p: train_state(p, self.tx), out_shardings=self.state_shardings)(params)
 
     def abstract_sharded(self) -> dict[str, Any]:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -70,14 +69,17 @@ def n_params(state) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
 
 
+def train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """The train state's layout: params, a fresh optimizer state, step 0."""
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
 def abstract_train_state(cfg: Config):
     """(graphdef, tx, init_fn, abstract state): shapes only, nothing allocated."""
     tx = make_optimizer(cfg.train)
 
     def init_fn(key):
-        model = Trunk(cfg.model, rngs=nnx.Rngs(params=key))
-        params = nnx.state(model, nnx.Param)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        return train_state(nnx.state(Trunk(cfg.model, rngs=nnx.Rngs(params=key)), nnx.Param), tx)
 
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Trunk(cfg.model, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
