@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -43,6 +44,30 @@ class ModelConfig:
     compute_dtype: str
     param_dtype: str
     remat: str
+    workspace: bool
+    ws_slots: int
+    ws_dim: int
+    ws_heads: int
+    ws_layer: int
+    ws_read_layers: tuple[int, ...]
+    ws_chunk: int
+    ws_max_steps: int
+    ws_halt_target: float
+    ssm_layers: tuple[int, ...]
+    ssm_state: int
+    ssm_conv: int
+    ssm_expand: int
+    ssm_dt_rank: int  # 0: ceil(d_model / 16)
+    router: bool
+    router_hidden: int
+    adapters: tuple[str, ...]
+    lora_rank: int
+    lora_alpha: float
+    ia3: bool
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.ssm_dt_rank or -(-self.d_model // 16)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -68,6 +93,20 @@ class TrainConfig:
     log_every: int
     stage: str
     load_parameters_path: str
+    trainable: str  # one of TRAINABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class LossesConfig:
+    ws_next_latent: float
+    ws_sparsity: float
+    ws_orthogonality: float
+    ws_infonce: float
+    ws_ponder: float
+    router_z: float
+    router_entropy: float
+    router_entropy_floor: float
+    rationale: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +147,24 @@ class MeshConfig:
 class DataConfig:
     source: str  # one of DATA_SOURCES
     synthetic_successors: int
+    pretrain_pattern: str
+    skip_corrupt: bool
+    corpus: str  # embedded | hub | local:PATH
+    mixture: tuple[str, ...]  # bucket=ratio
+    local_buckets: tuple[str, ...]  # bucket=PATH
+    docs: int
+    lang_threshold: float
+    blocklist: str
+    dedup_threshold: float
+    minhash_perm: int
+    records_per_shard: int
+    compression: str
+    tokenizer: str
+    tokenizer_type: str
+
+    def pairs(self, key: str) -> dict[str, str]:
+        """`data.mixture` / `data.local_buckets` entries as {bucket: value} (validated at load)."""
+        return dict(entry.split("=", 1) for entry in getattr(self, key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +186,7 @@ class RunConfig:
 class Config:
     model: ModelConfig
     train: TrainConfig
+    losses: LossesConfig
     mesh: MeshConfig
     data: DataConfig
     checkpoint: CheckpointConfig
@@ -149,7 +207,10 @@ class Config:
 SECTIONS: dict[str, type] = get_type_hints(Config)
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "tfrecord")
+TRAINABLE = ("all", "adapters")
+COMPRESSION = ("", "GZIP")
+TOKENIZER_TYPES = ("bpe", "unigram")
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -211,7 +272,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return layer
 
 
-def _coerce(value: Any, typ: type, key: str, source: str) -> Any:
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    if typing.get_origin(typ) is tuple:  # tuple[int, ...] / tuple[str, ...]: a YAML list
+        item = typing.get_args(typ)[0]
+        if value is None or value == "":
+            return ()
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value))
+        raise ConfigError(f"{source}: {key}={value!r} must be a list, e.g. {key}=[a, b] (or [] for none)")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -315,6 +383,92 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail(("model.vocab_size", "data.source"), f"model.vocab_size={m.vocab_size}: the synthetic language needs at least 4")
     if cfg.data.synthetic_successors <= 0:
         fail("data.synthetic_successors", "data.synthetic_successors must be positive")
+    _validate_modules(cfg, fail)
+    _validate_data(cfg, fail)
+
+
+def _validate_modules(cfg: Config, fail) -> None:
+    m = cfg.model
+    for key in ("ws_slots", "ws_dim", "ws_heads", "ws_chunk", "ws_max_steps", "ssm_state", "ssm_conv",
+                "ssm_expand", "router_hidden", "lora_rank"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"model.{key}={getattr(m, key)} must be positive")
+    if m.ssm_dt_rank < 0:
+        fail("model.ssm_dt_rank", f"model.ssm_dt_rank={m.ssm_dt_rank} must be positive, or 0 for ceil(d_model / 16)")
+    if m.ws_dim % m.ws_heads:
+        fail(("model.ws_heads", "model.ws_dim"), f"model.ws_heads={m.ws_heads} does not divide model.ws_dim={m.ws_dim}")
+    if not 1 <= m.ws_halt_target <= m.ws_max_steps:
+        fail(("model.ws_halt_target", "model.ws_max_steps"),
+             f"model.ws_halt_target={m.ws_halt_target} must lie in [1, model.ws_max_steps={m.ws_max_steps}]")
+    if m.workspace and not 0 <= m.ws_layer < m.n_layers:
+        fail(("model.ws_layer", "model.n_layers"),
+             f"model.ws_layer={m.ws_layer} must name a block in [0, {m.n_layers - 1}]")
+    if m.workspace and cfg.train.seq_len % m.ws_chunk:
+        fail(("model.ws_chunk", "train.seq_len"),
+             f"model.ws_chunk={m.ws_chunk} does not divide train.seq_len={cfg.train.seq_len}")
+    for i in m.ws_read_layers:
+        if m.workspace and not m.ws_layer <= i < m.n_layers:
+            fail(("model.ws_read_layers", "model.ws_layer"),
+                 f"model.ws_read_layers has block {i}: reads must lie in [model.ws_layer={m.ws_layer}, "
+                 f"{m.n_layers - 1}], after the workspace is written")
+    if len(set(m.ssm_layers)) != len(m.ssm_layers) or len(set(m.ws_read_layers)) != len(m.ws_read_layers):
+        fail(("model.ssm_layers", "model.ws_read_layers"), "model.ssm_layers and model.ws_read_layers must not repeat a block")
+    for i in m.ssm_layers:
+        if not 0 <= i < m.n_layers:
+            fail(("model.ssm_layers", "model.n_layers"), f"model.ssm_layers has block {i}, outside [0, {m.n_layers - 1}]")
+        if m.router and i < m.ws_layer:
+            fail(("model.ssm_layers", "model.ws_layer", "model.router"),
+                 f"model.ssm_layers has block {i}, below model.ws_layer={m.ws_layer}: its router gate would read "
+                 "the workspace before it is written; move the expert up or lower model.ws_layer")
+    if m.router and not m.workspace:
+        fail(("model.router", "model.workspace"), "model.router=true needs model.workspace=true (it reads the workspace summary)")
+    for name in m.adapters:
+        if not name.isidentifier():
+            fail("model.adapters", f"model.adapters has {name!r}: adapter names must be identifiers")
+    if len(set(m.adapters)) != len(m.adapters):
+        fail("model.adapters", "model.adapters must not repeat a name")
+    if cfg.train.trainable not in TRAINABLE:
+        fail("train.trainable", f"train.trainable={cfg.train.trainable!r} must be one of {TRAINABLE}")
+    if cfg.train.trainable == "adapters" and not m.adapters:
+        fail(("train.trainable", "model.adapters"), "train.trainable=adapters but model.adapters is empty; name at least one adapter")
+    for f in dataclasses.fields(LossesConfig):
+        if getattr(cfg.losses, f.name) < 0:
+            fail(f"losses.{f.name}", f"losses.{f.name}={getattr(cfg.losses, f.name)} must not be negative")
+    if cfg.losses.router_entropy_floor > 1 or cfg.losses.rationale > 1:
+        fail(("losses.router_entropy_floor", "losses.rationale"),
+             "losses.router_entropy_floor and losses.rationale are fractions in [0, 1]")
+
+
+def _validate_data(cfg: Config, fail) -> None:
+    d = cfg.data
+    if d.source == "tfrecord" and not d.pretrain_pattern:
+        fail(("data.source", "data.pretrain_pattern"),
+             "data.source=tfrecord needs data.pretrain_pattern (e.g. data/tiny/*.tfrecord*); build shards with "
+             "python -m quietreasoning.data build")
+    if not (d.corpus in ("embedded", "hub") or (d.corpus.startswith("local:") and len(d.corpus) > 6)):
+        fail("data.corpus", f"data.corpus={d.corpus!r} must be embedded, hub or local:PATH")
+    for key in ("mixture", "local_buckets"):
+        for entry in getattr(d, key):
+            name, sep, value = entry.partition("=")
+            if not sep or not name or not value:
+                fail(f"data.{key}", f"data.{key} entry {entry!r} must read bucket=value")
+    for entry in d.mixture:
+        try:
+            ratio = float(entry.partition("=")[2])
+        except ValueError:
+            ratio = -1.0
+        if not ratio > 0:
+            fail("data.mixture", f"data.mixture entry {entry!r}: the ratio must be a positive number")
+    for key in ("docs", "minhash_perm", "records_per_shard"):
+        if getattr(d, key) <= 0:
+            fail(f"data.{key}", f"data.{key}={getattr(d, key)} must be positive")
+    for key in ("lang_threshold", "dedup_threshold"):
+        if not 0 <= getattr(d, key) <= 1:
+            fail(f"data.{key}", f"data.{key}={getattr(d, key)} must be in [0, 1]")
+    if d.compression not in COMPRESSION:
+        fail("data.compression", f"data.compression={d.compression!r} must be one of {COMPRESSION}")
+    if d.tokenizer_type not in TOKENIZER_TYPES:
+        fail("data.tokenizer_type", f"data.tokenizer_type={d.tokenizer_type!r} must be one of {TOKENIZER_TYPES}")
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -41,7 +41,8 @@ def test_no_preset_gives_exactly_the_base_yaml_values():
     for section, values in BASE_TREE.items():
         for key, value in values.items():
             loaded = getattr(getattr(cfg, section), key)
-            assert loaded == (value if value is not None else ""), f"{section}.{key}"
+            expected = tuple(value) if isinstance(value, list) else value if value is not None else ""
+            assert loaded == expected, f"{section}.{key}"
 
 
 def test_command_line_overrides_win_over_the_preset():
@@ -214,7 +215,7 @@ def test_unknown_section_suggests_a_section_or_lists_them():
     assert "did you mean 'model'?" in config_error("tiny", ["modle.d_model=4"])
     message = config_error("tiny", ["zzz.d_model=4"])
     assert "unknown key 'zzz'" in message
-    assert "valid sections: model, train, mesh, data, checkpoint, run" in message
+    assert "valid sections: model, train, losses, mesh, data, checkpoint, run" in message
 
 
 def test_unknown_key_in_a_preset_file_names_that_file(tmp_path):

@@ -30,6 +30,19 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "norm": None,
     "length": None,
+    # latent workspace: slot width is small next to d_model; heads split like attention heads
+    "slots": None,
+    "ws_embed": None,
+    "ws_heads": ("tensor",),
+    # selective SSM experts: the inner channels split like the MLP
+    "ssm_inner": ("tensor",),
+    "ssm_state": None,
+    "ssm_rank": None,
+    "conv": None,
+    # router and adapters: tiny, replicated
+    "gates": None,
+    "adapters": None,
+    "lora": None,
 }
 
 
