@@ -55,8 +55,8 @@ def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, st
     latest = ckpt.latest_step()
     if latest is not None:
         saved = ckpt.read_meta(latest)["config"]["model"]
-        changed = [f"model.{k}={saved[k]} there, {v} here" for k, v in cfg.to_dict()["model"].items()
-                   if saved.get(k) != v]
+        here = json.loads(json.dumps(cfg.to_dict()["model"]))  # as the checkpoint's JSON stored it
+        changed = [f"model.{k}={saved.get(k)} there, {v} here" for k, v in here.items() if saved.get(k) != v]
         if changed:
             raise ConfigError(
                 f"{ckpt.directory}: its checkpoints are of another model ({'; '.join(changed)}); "
