@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the file/key and the fix."""
 
 
+class DataError(ConfigError):
+    """Bad input data (missing, empty or corrupt files, a tokenizer that does not fit the model),
+    phrased as one line that names the file and the fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int

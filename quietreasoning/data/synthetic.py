@@ -50,7 +50,8 @@ class SyntheticLanguage:
         return tokens, segs, pos
 
     def batch(self, index: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-        """Training batch `index`: inputs, targets, segment_ids, positions, loss_mask, each (batch, seq_len)."""
+        """Training batch `index`: inputs, targets, segment_ids, positions, loss_mask, answer_mask
+        (none: the synthetic language has no answers), each (batch, seq_len)."""
         tokens, segs, pos = self.rows(index, batch, seq_len + 1)
         return {
             "inputs": tokens[:, :-1],
@@ -59,6 +60,7 @@ class SyntheticLanguage:
             "positions": pos[:, :-1],
             # a target counts only when it continues the same document
             "loss_mask": (segs[:, 1:] == segs[:, :-1]).astype(np.float32),
+            "answer_mask": np.zeros((batch, seq_len), np.float32),
         }
 
     def unigram_entropy(self, n_batches: int = 8, batch: int = 64, seq_len: int = 256) -> float:

@@ -9,40 +9,23 @@ accumulate in float32. Logits come out in float32, ready for the z-loss.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from quietreasoning.config import ModelConfig
+from quietreasoning.model.adapters import AdapterBank, adapter_param_count
+from quietreasoning.model.layers import RMSNorm, matmul, param
+from quietreasoning.model.router import Router, router_param_count
+from quietreasoning.model.ssm import SSMExpert, ssm_param_count
+from quietreasoning.model.workspace import Workspace, workspace_param_count
 
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float, dtype) -> nnx.Param:
-    """A normal-initialised parameter carrying logical axis names; sharding is applied by the
-    caller's jit (training/sharding.py), so no mesh is needed to build the module."""
-    value = nnx.initializers.normal(std)(rngs.params(), shape, dtype)
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def matmul(x: jax.Array, w: jax.Array, dtype, spec: str = "...d,df->...f") -> jax.Array:
-    """`compute_dtype` inputs, float32 accumulation and output."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",), eager_sharding=False)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x * self.scale[...].astype(jnp.float32)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -70,17 +53,23 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, dh
         self.theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.compute_dtype)
-        self.wq = _param(rngs, (d, h * dh), ("embed", "heads"), cfg.init_std, pdt)
-        self.wk = _param(rngs, (d, kv * dh), ("embed", "kv"), cfg.init_std, pdt)
-        self.wv = _param(rngs, (d, kv * dh), ("embed", "kv"), cfg.init_std, pdt)
-        self.wo = _param(rngs, (h * dh, d), ("heads", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.wq = param(rngs, (d, h * dh), ("embed", "heads"), cfg.init_std, pdt)
+        self.wk = param(rngs, (d, kv * dh), ("embed", "kv"), cfg.init_std, pdt)
+        self.wv = param(rngs, (d, kv * dh), ("embed", "kv"), cfg.init_std, pdt)
+        self.wo = param(rngs, (h * dh, d), ("heads", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape
         h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q = matmul(x, self.wq[...], self.dtype).reshape(b, t, h, dh)
-        k = matmul(x, self.wk[...], self.dtype).reshape(b, t, kv, dh)
-        v = matmul(x, self.wv[...], self.dtype).reshape(b, t, kv, dh)
+        q = matmul(x, self.wq[...], self.dtype)
+        k = matmul(x, self.wk[...], self.dtype)
+        v = matmul(x, self.wv[...], self.dtype)
+        if adapter is not None:  # LoRA on each projection; IA3 on keys and values before RoPE (it folds into wk, wv)
+            q = q + adapter.delta("wq", x, gates)
+            k = adapter.rescale("k", k + adapter.delta("wk", x, gates), gates)
+            v = adapter.rescale("v", v + adapter.delta("wv", x, gates), gates)
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         q = q.reshape(b, t, kv, h // kv, dh)  # query groups share a kv head
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(self.dtype), k.astype(self.dtype),
@@ -88,21 +77,29 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(self.dtype), v.astype(self.dtype),
-                         preferred_element_type=jnp.float32)
-        return matmul(out.reshape(b, t, h * dh), self.wo[...], self.dtype)
+                         preferred_element_type=jnp.float32).reshape(b, t, h * dh)
+        y = matmul(out, self.wo[...], self.dtype)
+        return y if adapter is None else y + adapter.delta("wo", out, gates)
 
 
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, pdt = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.compute_dtype)
-        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
-        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
-        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jax.nn.silu(matmul(x, self.w_gate[...], self.dtype))
-        return matmul(gate * matmul(x, self.w_up[...], self.dtype), self.w_down[...], self.dtype)
+    def __call__(self, x: jax.Array, adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
+        gate = matmul(x, self.w_gate[...], self.dtype)
+        up = matmul(x, self.w_up[...], self.dtype)
+        if adapter is not None:
+            gate, up = gate + adapter.delta("w_gate", x, gates), up + adapter.delta("w_up", x, gates)
+        inner = jax.nn.silu(gate) * up
+        if adapter is not None:  # IA3 on the inner activation (it folds into the rows of w_down)
+            inner = adapter.rescale("ff", inner, gates)
+        y = matmul(inner, self.w_down[...], self.dtype)
+        return y if adapter is None else y + adapter.delta("w_down", inner, gates)
 
 
 class Block(nnx.Module):
@@ -112,18 +109,33 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.mlp = SwiGLU(cfg, rngs=rngs)
+        # the adapter bank (model/adapters.py); none when model.adapters is empty
+        self.adapters = AdapterBank(cfg, rngs=rngs) if cfg.adapters else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 gates: jax.Array | None = None) -> jax.Array:
+        """gates (B, T, n_adapters) weight the adapters per token; None: their uniform mixture."""
+        x = x + self.attn(self.attn_norm(x), positions, mask, self.adapters, gates)
+        return x + self.mlp(self.mlp_norm(x), self.adapters, gates)
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    return block(x, positions, mask)
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               gates: jax.Array | None) -> jax.Array:
+    return block(x, positions, mask, gates)
 
 
 class Trunk(nnx.Module):
-    """tokens (B, T) int32, segment_ids (B, T) (0 = padding), positions (B, T) -> logits (B, T, V) f32."""
+    """tokens (B, T) int32, segment_ids (B, T) (0 = padding), positions (B, T) -> logits (B, T, V) f32.
+
+    The modules of the model config sit around the blocks, each built only when it is on (off, the
+    trunk is the bare transformer, bit for bit):
+      workspace  written from the residual stream before block `ws_layer` (chunk by chunk), read
+                 before each block in `ws_read_layers`
+      router     gates from the workspace summary of each chunk, for the tokens of that chunk
+      ssm        an SSM expert after each block in `ssm_layers`: x + gate * expert(x)
+      adapters   inside every block; gated by the router from block `ws_layer` on, the uniform
+                 mixture before it (no gate exists there yet)
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
@@ -131,23 +143,53 @@ class Trunk(nnx.Module):
         self.dtype = jnp.dtype(cfg.compute_dtype)
         # a tied table is also the output matrix: give it the weights' scale, or the first logits are huge
         embed_std = cfg.init_std if cfg.tie_embeddings else 1.0
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), embed_std, pdt)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), embed_std, pdt)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
-            self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
+            self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
+        self.workspace = Workspace(cfg, rngs=rngs) if cfg.workspace else None
+        self.router = Router(cfg, rngs=rngs) if cfg.router else None
+        self.ssm = nnx.List([SSMExpert(cfg, rngs=rngs) for _ in cfg.ssm_layers])
         if cfg.remat == "none":
             self._block_fn = _run_block
         else:
             self._block_fn = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
 
-    def hidden(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        """Final-norm hidden states (B, T, D) in float32."""
+    def forward(self, tokens: jax.Array, segment_ids: jax.Array,
+                positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        """(final-norm hidden states (B, T, D) f32, aux): aux holds what the switched-on modules
+        report for their losses and logs ("workspace": states and aux, "router": gates, logits, mask)."""
+        cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
         mask = attention_mask(segment_ids)
-        for block in self.blocks:
-            x = self._block_fn(block, x, positions, mask)
-        return self.final_norm(x)
+        reads = {layer: j for j, layer in enumerate(cfg.ws_read_layers)}
+        experts = {layer: j for j, layer in enumerate(cfg.ssm_layers)}
+        aux: dict[str, Any] = {}
+        states = adapter_gates = ssm_gates = None
+        for i, block in enumerate(self.blocks):
+            if self.workspace is not None:
+                if i == cfg.ws_layer:
+                    states, ws_aux = self.workspace.write(x, segment_ids)
+                    aux["workspace"] = {"states": states, "aux": ws_aux}
+                    if self.router is not None:
+                        gates, logits = self.router(self.workspace.summary(states))
+                        aux["router"] = {"gates": gates, "logits": logits, "mask": ws_aux["ws_chunk_mask"]}
+                        per_token = {k: jnp.repeat(g, cfg.ws_chunk, axis=1) for k, g in gates.items()}
+                        adapter_gates = per_token["adapters"] if cfg.adapters else None
+                        ssm_gates = per_token["ssm"]
+                if i in reads:
+                    x = x + self.workspace.read(reads[i], x, states, segment_ids)
+            x = self._block_fn(block, x, positions, mask, adapter_gates)
+            if i in experts:
+                j = experts[i]
+                delta = self.ssm[j](x, segment_ids)
+                x = x + (delta if ssm_gates is None else ssm_gates[..., j:j + 1] * delta)
+        return self.final_norm(x), aux
+
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """Final-norm hidden states (B, T, D) in float32."""
+        return self.forward(tokens, segment_ids, positions)[0]
 
     def logits(self, h: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:
@@ -159,7 +201,14 @@ class Trunk(nnx.Module):
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """The closed-form parameter count of the trunk for `cfg`."""
+    """The closed-form parameter count of the whole model for `cfg`: the trunk plus every module
+    that is on."""
+    return (trunk_param_count(cfg) + adapter_param_count(cfg) + workspace_param_count(cfg)
+            + len(cfg.ssm_layers) * ssm_param_count(cfg) + router_param_count(cfg))
+
+
+def trunk_param_count(cfg: ModelConfig) -> int:
+    """The closed-form parameter count of the bare transformer (embeddings, blocks, head)."""
     d, h, kv, dh, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff, cfg.vocab_size
     attn = d * h * dh + 2 * d * kv * dh + h * dh * d
     per_layer = attn + 3 * d * f + 2 * d
@@ -168,10 +217,12 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x matmul parameters plus attention,
-    12 * n_layers * n_heads * head_dim * seq_len (the PaLM appendix-B accounting, no causal discount)."""
+    """Training FLOPs per token (forward + backward) of the bare trunk: 6 x matmul parameters plus
+    attention, 12 * n_layers * n_heads * head_dim * seq_len (the PaLM appendix-B accounting, no
+    causal discount). The modules' work is not counted: MFU measures the dense model's useful work,
+    and what the modules cost shows up as a lower MFU (bench/module_overhead.py measures it)."""
     d, v = cfg.d_model, cfg.vocab_size
-    matmul_params = param_count(cfg) - v * d - (2 * cfg.n_layers + 1) * d  # gathers and norms are not matmuls
+    matmul_params = trunk_param_count(cfg) - v * d - (2 * cfg.n_layers + 1) * d  # gathers and norms are not matmuls
     if cfg.tie_embeddings:
         matmul_params += v * d  # the tied table is used as the output matmul
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len

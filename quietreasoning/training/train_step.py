@@ -20,9 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from quietreasoning.config import Config, ConfigError
 from quietreasoning.model.trunk import Trunk
 from quietreasoning.training import sharding
+from quietreasoning.training.losses import module_losses
 from quietreasoning.training.optimizer import make_optimizer
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float):
@@ -107,9 +108,12 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
 
     def loss_fn(params, batch, denom):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-        total, ce = lm_loss(logits, batch["targets"], batch["loss_mask"], t.z_loss)
-        return total / denom, ce
+        h, aux = model.forward(batch["inputs"], batch["segment_ids"], batch["positions"])
+        total, ce = lm_loss(model.logits(h), batch["targets"], batch["loss_mask"], t.z_loss)
+        embeddings = jnp.take(model.embed[...], batch["inputs"], axis=0) if "workspace" in aux else None
+        extra, metrics = module_losses(aux, batch, cfg, embeddings)
+        # the LM sum is over the whole batch; the module terms are means per micro-batch
+        return total / denom + extra / accum, (ce, metrics)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -117,7 +121,7 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
         params = state["params"]
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         if accum == 1:
-            (_, ce), grads = grad_fn(params, batch, denom)
+            (_, (ce, extra)), grads = grad_fn(params, batch, denom)
         else:
             # micro-batch m takes rows m, m + accum, ...: every micro-batch spans every device
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
@@ -125,16 +129,17 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
 
             def body(carry, mb):
                 g_acc, ce_acc = carry
-                (_, ce_mb), g = grad_fn(params, mb, denom)
-                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce_mb), None
+                (_, (ce_mb, extra_mb)), g = grad_fn(params, mb, denom)
+                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce_mb), extra_mb
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, ce), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+            (grads, ce), extras = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+            extra = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": ce / denom, "grad_norm": grad_norm}
+        metrics = {"loss": ce / denom, "grad_norm": grad_norm, **extra}
         return new_state, metrics
 
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}

@@ -19,13 +19,13 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from quietreasoning.config import Config, ConfigError
-from quietreasoning.data.synthetic import SyntheticLanguage
 from quietreasoning.model.trunk import flops_per_token
 from quietreasoning.training import sharding
 from quietreasoning.training.checkpoint import Checkpointer, load_parameters
 from quietreasoning.training.optimizer import lr_schedule
 from quietreasoning.training.roofline import machine_roof
-from quietreasoning.training.train_step import put_batch, setup
+from quietreasoning.training.input import batches
+from quietreasoning.training.train_step import setup
 from quietreasoning.utils import io
 from quietreasoning.utils.io import atomic_write_text
 
@@ -62,11 +62,11 @@ def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, st
                 f"{ckpt.directory}: its checkpoints are of another model ({'; '.join(changed)}); "
                 "set run.name (or checkpoint.dir) to start a new run, or drop the model overrides")
         state, meta = ckpt.restore(latest, ts.abstract_sharded())
-        return state, int(meta["data_position"]), "checkpoint"
+        return state, meta["data_position"], "checkpoint"
     if cfg.train.load_parameters_path:
         params = load_parameters(cfg.train.load_parameters_path, ts.abstract_sharded()["params"])
-        return ts.state_from_params(params), 0, "parameters"
-    return ts.init(), 0, "init"
+        return ts.state_from_params(params), None, "parameters"
+    return ts.init(), None, "init"
 
 
 def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
@@ -80,7 +80,6 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     fpt = flops_per_token(cfg.model, t.seq_len)
     roof = machine_roof() if measure_roof else None
     schedule = lr_schedule(t)
-    data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
 
     run_dir = io.path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +89,9 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     ckpt = Checkpointer(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.max_to_keep,
                         async_save=cfg.checkpoint.async_save)
     with jax.set_mesh(mesh):
-        state, start, resumed_from = _restore_or_init(cfg, ts, ckpt)
+        state, position, resumed_from = _restore_or_init(cfg, ts, ckpt)
+        start = int(jax.device_get(state["step"]))
+        data = batches(cfg, ts.batch_sharding, position, log=tqdm.write)
         history = [h for h in history if h["step"] <= start]
         end = max(start, min(t.steps, stop_at) if stop_at is not None else t.steps)
         lead = jax.process_index() == 0
@@ -98,7 +99,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                    dynamic_ncols=True)
         window_t0, window_steps = time.perf_counter(), 0
         for step in range(start, end):
-            batch = put_batch(data.batch(step, t.global_batch, t.seq_len), ts.batch_sharding)
+            batch = data.next()
             state, metrics = ts.step_fn(state, batch)
             window_steps += 1
             done = step + 1
@@ -119,6 +120,9 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                 dt = time.perf_counter() - window_t0
                 record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                           "lr": float(schedule(done - 1))}
+                # the modules' terms and usage (halting average, router gates, histograms as lists)
+                record.update({k: (float(v) if v.ndim == 0 else [round(float(x), 4) for x in v.ravel()])
+                               for k, v in m.items() if k not in record})
                 if window_steps and dt > 0:
                     tok_s = window_steps * t.global_batch * t.seq_len / dt
                     tflops_dev = fpt * tok_s / n_devices / 1e12
@@ -134,7 +138,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
             if save_now:
-                meta = {"stage": t.stage, "step": done, "data_position": done, "config": cfg.to_dict()}
+                meta = {"stage": t.stage, "step": done, "data_position": data.position(), "config": cfg.to_dict()}
                 ckpt.save(done, state, meta)
         bar.close()
         ckpt.close()
