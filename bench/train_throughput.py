@@ -44,6 +44,23 @@ def cpu_name() -> str:
     return f"{name} (avx512_bf16: {'yes' if 'avx512_bf16' in info else 'no'})"
 
 
+def machine() -> str:
+    device = "" if jax.default_backend() == "cpu" else f"{jax.devices()[0].device_kind} on "
+    return (f"{device}{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+            f"backend {jax.default_backend()}, {len(jax.devices())} device(s)")
+
+
+def append_section(doc: str, title: str, script: str, argv, body: str) -> None:
+    """Appends `## title (date)` with the command that ran and the machine, then `body`."""
+    cmd = f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = (f"\n## {title} ({datetime.date.today().isoformat()})\n\n"
+               f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \n{body}\n")
+    os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
+    with open(doc, "a") as f:
+        f.write(section)
+    print(f"appended to {os.path.normpath(doc)}")
+
+
 def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
     cfg = load_config(preset, overrides)
     mesh = sharding.make_mesh(cfg, jax.devices()[:1])
@@ -100,16 +117,7 @@ def main(argv=None) -> int:
     print(roof_line)
     print(table)
     if not args.no_append:
-        cmd = "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        device = "" if jax.default_backend() == "cpu" else f"{jax.devices()[0].device_kind} on "
-        machine = (f"{device}{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-                   f"backend {jax.default_backend()}, {len(jax.devices())} device(s)")
-        section = (f"\n## Train step throughput ({datetime.date.today().isoformat()})\n\n"
-                   f"Command: `{cmd.strip()}`  \nMachine: {machine}  \n{roof_line}\n\n{table}\n")
-        os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
-        with open(args.doc, "a") as f:
-            f.write(section)
-        print(f"appended to {os.path.normpath(args.doc)}")
+        append_section(args.doc, "Train step throughput", "bench/train_throughput.py", argv, f"{roof_line}\n\n{table}")
     return 0
 
 

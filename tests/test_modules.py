@@ -139,3 +139,14 @@ def test_the_3b_dry_run_counts_every_module():
     assert counted == param_count(cfg.model)
     extra = counted - trunk_param_count(cfg.model)
     assert 1.0e8 < extra < 2.5e8  # workspace ~48M, two SSM experts ~38M, adapters ~60M, router
+
+
+def test_the_tiny_model_trains_with_every_module_on_and_logs_halting_and_router_usage(tmp_path):
+    from quietreasoning.training.trainer import train
+    cfg = micro_config(*ALL_ON, "train.steps=40", "train.log_every=10", "train.lr=3e-3", out_dir=tmp_path)
+    result = train(cfg, measure_roof=False, progress=False)
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"] - 0.5
+    assert 1.0 <= last["ws_halting_avg"] <= cfg.model.ws_max_steps
+    assert 0.0 < last["router_ssm_mean"] < 1.0 and sum(last["router_ssm_hist"]) > 0
+    assert len(last["router_adapters_usage"]) == 2 and abs(sum(last["router_adapters_usage"]) - 1) < 1e-3
