@@ -1,6 +1,8 @@
-"""The minimal trainer: one config, one stage, the synthetic stream; progress bar and checkpoints.
+"""The minimal trainer: one config, one stage, the synthetic stream or TFRecord shards; progress
+bar and checkpoints.
 
     python train.py --config configs/tiny.yaml train.steps=100
+    python train.py --pretrain-pattern "data/tiny/*.tfrecord*" model.vocab_size=1024
     python train.py --config configs/3b.yaml --dry-run --json
 """
 
@@ -20,7 +22,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     p.add_argument("--devices", type=int, default=0,
                    help="with --dry-run: plan for this many devices (default: the mesh's fixed product, else local)")
+    p.add_argument("--pretrain-pattern", default="",
+                   help='train on TFRecord shards, e.g. "data/tiny/*.tfrecord*" (sets data.source=tfrecord)')
     args = p.parse_args(argv)
+    if args.pretrain_pattern:
+        args.overrides = ["data.source=tfrecord", f"data.pretrain_pattern={args.pretrain_pattern}", *args.overrides]
     cfg = cli.load(args)
     if args.dry_run:
         import jax

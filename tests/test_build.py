@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import micro_config
+from helpers import MICRO, micro_config
 from quietreasoning.config import DataError, load_config
 from quietreasoning.data.__main__ import main as data_main
 from quietreasoning.data.build import build
@@ -17,6 +17,7 @@ from quietreasoning.data.shards import read_manifest
 from quietreasoning.training.trainer import train
 
 VOCAB = 512
+MICRO_CLI = [*MICRO, "train.steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,10 @@ def test_a_model_vocabulary_that_differs_from_the_shards_is_refused_at_start(emb
     cfg = micro_config("data.source=tfrecord", f"data.pretrain_pattern={out}/*.tfrecord*", out_dir=tmp_path)
     with pytest.raises(DataError, match=f"{VOCAB}-token vocabulary but model.vocab_size=256"):
         train(cfg, measure_roof=False, progress=False)
+
+
+def test_train_cli_pretrain_pattern_that_matches_nothing_is_one_line_and_exit_2(run_cli, tmp_path):
+    proc = run_cli("train.py", "--pretrain-pattern", str(tmp_path / "none" / "*.tfrecord*"), *MICRO_CLI)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.pretrain_pattern=")
+    assert "matches no files" in proc.stderr
