@@ -16,7 +16,7 @@ import pytest
 from quietreasoning.config import ConfigError
 from quietreasoning.data import sources, tasks
 from quietreasoning.data.sources import Document, SourceError, documents
-from tests.helpers import micro_config
+from helpers import micro_config
 
 BENCHMARKS = Path("/work/shared/benchmarks")  # read by tests only, to prove the formats; never trained on
 PROSQA_KEYS = ["question", "answer", "steps", "idx_to_symbol", "edges", "root", "target", "neg_target"]
