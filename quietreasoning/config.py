@@ -69,6 +69,26 @@ class ModelConfig:
     lora_rank: int
     lora_alpha: float
     ia3: bool
+    pkm_layers: tuple[int, ...]
+    pkm_slots: int
+    pkm_heads: int
+    pkm_topk: int
+    pkm_key_dim: int
+    pkm_value_dim: int
+    pkm_temperature: float
+    episodic: bool
+    episodic_layer: int
+    episodic_slots: int
+    episodic_dim: int  # 0: d_model
+
+    @property
+    def pkm_sub_keys(self) -> int:
+        """Sub-keys per half of the product key set: sqrt(pkm_slots)."""
+        return math.isqrt(self.pkm_slots)
+
+    @property
+    def resolved_episodic_dim(self) -> int:
+        return self.episodic_dim or self.d_model
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -173,6 +193,27 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    episodic_index: str  # one of EPISODIC_INDEXES
+    episodic_capacity: int
+    episodic_ttl_days: float
+    episodic_dedupe: float
+    episodic_nlist: int
+    episodic_pq_m: int
+    episodic_nprobe: int
+    hnsw_m: int
+    hnsw_ef_search: int
+    surprise_z: float
+    surprise_cooldown: int
+    knn: bool
+    knn_k: int
+    knn_temperature: float
+    knn_nlist: int
+    knn_pq_m: int
+    knn_nprobe: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     dir: str  # "" = <run.out_dir>/checkpoints
     every: int
@@ -194,6 +235,7 @@ class Config:
     losses: LossesConfig
     mesh: MeshConfig
     data: DataConfig
+    memory: MemoryConfig
     checkpoint: CheckpointConfig
     run: RunConfig
 
@@ -213,6 +255,7 @@ SECTIONS: dict[str, type] = get_type_hints(Config)
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 DATA_SOURCES = ("synthetic", "tfrecord")
+EPISODIC_INDEXES = ("flat", "ivf", "ivfpq", "hnsw")
 TRAINABLE = ("all", "adapters")
 COMPRESSION = ("", "GZIP")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -390,6 +433,7 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail("data.synthetic_successors", "data.synthetic_successors must be positive")
     _validate_modules(cfg, fail)
     _validate_data(cfg, fail)
+    _validate_memory(cfg, fail)
 
 
 def _validate_modules(cfg: Config, fail) -> None:
@@ -432,6 +476,37 @@ def _validate_modules(cfg: Config, fail) -> None:
             fail("model.adapters", f"model.adapters has {name!r}: adapter names must be identifiers")
     if len(set(m.adapters)) != len(m.adapters):
         fail("model.adapters", "model.adapters must not repeat a name")
+    for key in ("pkm_heads", "pkm_topk", "pkm_key_dim", "pkm_value_dim", "episodic_slots"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"model.{key}={getattr(m, key)} must be positive")
+    if m.pkm_slots <= 0 or m.pkm_sub_keys ** 2 != m.pkm_slots:
+        fail("model.pkm_slots", f"model.pkm_slots={m.pkm_slots} must be a perfect square (two sub-key sets of "
+             f"sqrt(N)), e.g. {max(m.pkm_sub_keys, 1) ** 2} or {(m.pkm_sub_keys + 1) ** 2}")
+    if m.pkm_key_dim % 2:
+        fail("model.pkm_key_dim", f"model.pkm_key_dim={m.pkm_key_dim} must be even (the query splits in two halves)")
+    if m.pkm_topk > m.pkm_sub_keys:
+        fail(("model.pkm_topk", "model.pkm_slots"),
+             f"model.pkm_topk={m.pkm_topk} exceeds sqrt(model.pkm_slots)={m.pkm_sub_keys}; lower it or add slots")
+    if not m.pkm_temperature > 0:
+        fail("model.pkm_temperature", f"model.pkm_temperature={m.pkm_temperature} must be positive")
+    if len(set(m.pkm_layers)) != len(m.pkm_layers):
+        fail("model.pkm_layers", "model.pkm_layers must not repeat a block")
+    for i in m.pkm_layers:
+        if not 0 <= i < m.n_layers:
+            fail(("model.pkm_layers", "model.n_layers"), f"model.pkm_layers has block {i}, outside [0, {m.n_layers - 1}]")
+        if m.router and i < m.ws_layer:
+            fail(("model.pkm_layers", "model.ws_layer", "model.router"),
+                 f"model.pkm_layers has block {i}, below model.ws_layer={m.ws_layer}: its router gate would read "
+                 "the workspace before it is written; move the memory up or lower model.ws_layer")
+    if m.episodic_dim < 0:
+        fail("model.episodic_dim", f"model.episodic_dim={m.episodic_dim} must be positive, or 0 for d_model")
+    if m.episodic and not 0 <= m.episodic_layer < m.n_layers:
+        fail(("model.episodic_layer", "model.n_layers"),
+             f"model.episodic_layer={m.episodic_layer} must name a block in [0, {m.n_layers - 1}]")
+    if m.episodic and m.router and m.episodic_layer < m.ws_layer:
+        fail(("model.episodic_layer", "model.ws_layer", "model.router"),
+             f"model.episodic_layer={m.episodic_layer} is below model.ws_layer={m.ws_layer}: its router gate would "
+             "read the workspace before it is written")
     if cfg.train.trainable not in TRAINABLE:
         fail("train.trainable", f"train.trainable={cfg.train.trainable!r} must be one of {TRAINABLE}")
     if cfg.train.trainable == "adapters" and not m.adapters:
@@ -474,6 +549,26 @@ def _validate_data(cfg: Config, fail) -> None:
         fail("data.compression", f"data.compression={d.compression!r} must be one of {COMPRESSION}")
     if d.tokenizer_type not in TOKENIZER_TYPES:
         fail("data.tokenizer_type", f"data.tokenizer_type={d.tokenizer_type!r} must be one of {TOKENIZER_TYPES}")
+
+
+def _validate_memory(cfg: Config, fail) -> None:
+    mem = cfg.memory
+    if mem.episodic_index not in EPISODIC_INDEXES:
+        fail("memory.episodic_index", f"memory.episodic_index={mem.episodic_index!r} must be one of {EPISODIC_INDEXES}")
+    for key in ("episodic_capacity", "episodic_nlist", "episodic_pq_m", "episodic_nprobe", "hnsw_m", "hnsw_ef_search",
+                "knn_k", "knn_nlist", "knn_pq_m", "knn_nprobe"):
+        if getattr(mem, key) <= 0:
+            fail(f"memory.{key}", f"memory.{key}={getattr(mem, key)} must be positive")
+    for key in ("episodic_ttl_days", "knn_temperature"):
+        if not getattr(mem, key) > 0:
+            fail(f"memory.{key}", f"memory.{key}={getattr(mem, key)} must be positive")
+    if not 0 < mem.episodic_dedupe <= 1:
+        fail("memory.episodic_dedupe", f"memory.episodic_dedupe={mem.episodic_dedupe} is a cosine in (0, 1]")
+    if mem.surprise_cooldown < 0:
+        fail("memory.surprise_cooldown", f"memory.surprise_cooldown={mem.surprise_cooldown} must not be negative")
+    if mem.episodic_index in ("ivfpq",) and cfg.model.resolved_episodic_dim % mem.episodic_pq_m:
+        fail(("memory.episodic_pq_m", "model.episodic_dim"),
+             f"memory.episodic_pq_m={mem.episodic_pq_m} must divide the key width {cfg.model.resolved_episodic_dim}")
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
