@@ -61,31 +61,54 @@ def append_section(doc: str, title: str, script: str, argv, body: str) -> None:
     print(f"appended to {os.path.normpath(doc)}")
 
 
-def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
-    cfg = load_config(preset, overrides)
-    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
-    ts = setup(cfg, mesh)
-    t = cfg.train
-    data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
-    batches = [put_batch(data.batch(i, t.global_batch, t.seq_len), ts.batch_sharding) for i in range(steps + 1)]
-    with jax.set_mesh(mesh):
-        state = ts.init()
-        t0 = time.perf_counter()
-        state, m = ts.step_fn(state, batches[0])
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        times = []
-        for b in batches[1:]:
+class StepTimer:
+    """One preset (with overrides) built, initialised and compiled on one device; `step()` runs and
+    times one train step. Several timers can live in one process, so variants are timed in turns."""
+
+    def __init__(self, preset: str, overrides: list[str], n_batches: int = 4):
+        cfg = load_config(preset, overrides)
+        self.cfg, self.preset = cfg, preset
+        self.mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+        self.ts = setup(cfg, self.mesh)
+        t = cfg.train
+        data = SyntheticLanguage(cfg.model.vocab_size, cfg.data.synthetic_successors, t.seed)
+        self.batches = [put_batch(data.batch(i, t.global_batch, t.seq_len), self.ts.batch_sharding)
+                        for i in range(n_batches)]
+        self.times: list[float] = []
+        self.calls = 0
+        with jax.set_mesh(self.mesh):
+            self.state = self.ts.init()
+        self.compile_s = self._run()
+
+    def _run(self) -> float:
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        with jax.set_mesh(self.mesh):
             t0 = time.perf_counter()
-            state, m = ts.step_fn(state, b)
+            self.state, m = self.ts.step_fn(self.state, batch)
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    tokens = t.global_batch * t.seq_len
-    fpt = flops_per_token(cfg.model, t.seq_len)
-    return {"preset": preset, "params": ts.n_params, "tokens_per_step": tokens, "step_s": step_s,
-            "compile_s": compile_s, "tokens_per_s": tokens / step_s, "flops_per_s": fpt * tokens / step_s,
-            "remat": cfg.model.remat, "dtype": cfg.model.compute_dtype}
+            return time.perf_counter() - t0
+
+    def step(self) -> float:
+        self.times.append(self._run())
+        return self.times[-1]
+
+    def result(self) -> dict:
+        t = self.cfg.train
+        step_s = float(np.median(self.times))
+        tokens = t.global_batch * t.seq_len
+        fpt = flops_per_token(self.cfg.model, t.seq_len)
+        return {"preset": self.preset, "params": self.ts.n_params, "tokens_per_step": tokens, "step_s": step_s,
+                "compile_s": self.compile_s, "tokens_per_s": tokens / step_s, "flops_per_s": fpt * tokens / step_s,
+                "remat": self.cfg.model.remat, "dtype": self.cfg.model.compute_dtype}
+
+
+def time_train_step(preset: str, steps: int, overrides: list[str]) -> dict:
+    """Median time of `steps` train steps after the compile step."""
+    timer = StepTimer(preset, overrides, n_batches=steps + 1)
+    for _ in range(steps):
+        timer.step()
+    return timer.result()
 
 
 def main(argv=None) -> int:

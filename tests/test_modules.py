@@ -10,6 +10,7 @@ from flax import nnx
 
 from helpers import micro_config
 from quietreasoning.config import load_config
+from quietreasoning.memory.pkm import pkm_param_count
 from quietreasoning.model.trunk import Trunk, param_count, trunk_param_count
 from quietreasoning.training.losses import module_losses
 from quietreasoning.training.train_step import abstract_train_state, lm_loss
@@ -137,7 +138,7 @@ def test_the_3b_dry_run_counts_every_module():
     _, _, _, abstract = abstract_train_state(cfg)
     counted = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     assert counted == param_count(cfg.model)
-    extra = counted - trunk_param_count(cfg.model)
+    extra = counted - trunk_param_count(cfg.model) - pkm_param_count(cfg.model)  # PKM: tests/test_pkm.py
     assert 1.0e8 < extra < 2.5e8  # workspace ~48M, two SSM experts ~38M, adapters ~60M, router
 
 

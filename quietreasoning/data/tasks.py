@@ -448,10 +448,15 @@ def popqa_records(seed: int, n_people: int = 1200) -> list[dict]:
     return records
 
 
+# a fact document is FACT_QUESTION then FACT_ANSWER, filled in; eval/popqa.py prompts the same way
+FACT_QUESTION = "Q: {}\n"
+FACT_ANSWER = "A: {}"
+
+
 def fact_document(record: dict, bucket: str = "facts") -> Document:
     """A PopQA record as a question and its answer: 'Q: <question>\\n' then 'A: <obj>'."""
-    return Document.from_parts(bucket, "facts", (("question", f"Q: {record['question']}\n"),
-                                                 ("answer", f"A: {record['obj']}")))
+    return Document.from_parts(bucket, "facts", (("question", FACT_QUESTION.format(record["question"])),
+                                                 ("answer", FACT_ANSWER.format(record["obj"]))))
 
 
 def fact_documents(records: Sequence[dict], rng: np.random.Generator, count: int,

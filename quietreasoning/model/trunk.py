@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quietreasoning.config import ModelConfig
+from quietreasoning.memory.pkm import ProductKeyMemory, pkm_param_count
 from quietreasoning.model.adapters import AdapterBank, adapter_param_count
 from quietreasoning.model.layers import RMSNorm, matmul, param
 from quietreasoning.model.router import Router, router_param_count
@@ -38,12 +39,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """(B, 1, T, T) boolean: causal, and a token sees only its own segment (0 = padding)."""
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
+    """(B, 1, T, T) boolean: a token sees only its own segment (0 = padding), and, when `causal`,
+    only positions up to its own (False: bidirectional within the segment, for encoders)."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+    if causal:
+        t = segment_ids.shape[1]
+        same = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & same
+    return same[:, None]
 
 
 class Attention(nnx.Module):
@@ -133,6 +136,8 @@ class Trunk(nnx.Module):
                  before each block in `ws_read_layers`
       router     gates from the workspace summary of each chunk, for the tokens of that chunk
       ssm        an SSM expert after each block in `ssm_layers`: x + gate * expert(x)
+      pkm        a product-key memory read after each block in `pkm_layers` (after the expert
+                 there, if any): x + gate * pkm(x)
       adapters   inside every block; gated by the router from block `ws_layer` on, the uniform
                  mixture before it (no gate exists there yet)
     """
@@ -151,22 +156,32 @@ class Trunk(nnx.Module):
         self.workspace = Workspace(cfg, rngs=rngs) if cfg.workspace else None
         self.router = Router(cfg, rngs=rngs) if cfg.router else None
         self.ssm = nnx.List([SSMExpert(cfg, rngs=rngs) for _ in cfg.ssm_layers])
+        self.pkm = nnx.List([ProductKeyMemory(cfg, rngs=rngs) for _ in cfg.pkm_layers])
         if cfg.remat == "none":
             self._block_fn = _run_block
         else:
             self._block_fn = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
 
-    def forward(self, tokens: jax.Array, segment_ids: jax.Array,
-                positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings (B, T, D) in float32."""
+        return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+
+    def forward(self, tokens: jax.Array | None, segment_ids: jax.Array, positions: jax.Array, *,
+                embeddings: jax.Array | None = None, causal: bool = True) -> tuple[jax.Array, dict[str, Any]]:
         """(final-norm hidden states (B, T, D) f32, aux): aux holds what the switched-on modules
-        report for their losses and logs ("workspace": states and aux, "router": gates, logits, mask)."""
+        report for their losses and logs ("workspace": states and aux, "router": gates, logits, mask,
+        "pkm_slots": per PKM layer the slots its heads read, (B, T, pkm_heads, pkm_topk) int32).
+
+        `embeddings` (B, T, D) replace the token lookup (soft prompts, latent thoughts; `tokens` is
+        then unused); `causal=False` lets every token see its whole segment (an encoder)."""
         cfg = self.cfg
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
-        mask = attention_mask(segment_ids)
+        x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(jnp.float32)
+        mask = attention_mask(segment_ids, causal)
         reads = {layer: j for j, layer in enumerate(cfg.ws_read_layers)}
         experts = {layer: j for j, layer in enumerate(cfg.ssm_layers)}
+        memories = {layer: j for j, layer in enumerate(cfg.pkm_layers)}
         aux: dict[str, Any] = {}
-        states = adapter_gates = ssm_gates = None
+        states = adapter_gates = ssm_gates = pkm_gates = None
         for i, block in enumerate(self.blocks):
             if self.workspace is not None:
                 if i == cfg.ws_layer:
@@ -177,7 +192,7 @@ class Trunk(nnx.Module):
                         aux["router"] = {"gates": gates, "logits": logits, "mask": ws_aux["ws_chunk_mask"]}
                         per_token = {k: jnp.repeat(g, cfg.ws_chunk, axis=1) for k, g in gates.items()}
                         adapter_gates = per_token["adapters"] if cfg.adapters else None
-                        ssm_gates = per_token["ssm"]
+                        ssm_gates, pkm_gates = per_token["ssm"], per_token["pkm"]
                 if i in reads:
                     x = x + self.workspace.read(reads[i], x, states, segment_ids)
             x = self._block_fn(block, x, positions, mask, adapter_gates)
@@ -185,6 +200,10 @@ class Trunk(nnx.Module):
                 j = experts[i]
                 delta = self.ssm[j](x, segment_ids)
                 x = x + (delta if ssm_gates is None else ssm_gates[..., j:j + 1] * delta)
+            if i in memories:
+                delta, slots = self.pkm[memories[i]](x)
+                aux.setdefault("pkm_slots", []).append(slots)
+                x = x + (delta if pkm_gates is None else pkm_gates * delta)
         return self.final_norm(x), aux
 
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
@@ -204,7 +223,7 @@ def param_count(cfg: ModelConfig) -> int:
     """The closed-form parameter count of the whole model for `cfg`: the trunk plus every module
     that is on."""
     return (trunk_param_count(cfg) + adapter_param_count(cfg) + workspace_param_count(cfg)
-            + len(cfg.ssm_layers) * ssm_param_count(cfg) + router_param_count(cfg))
+            + len(cfg.ssm_layers) * ssm_param_count(cfg) + router_param_count(cfg) + pkm_param_count(cfg))
 
 
 def trunk_param_count(cfg: ModelConfig) -> int:

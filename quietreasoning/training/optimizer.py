@@ -25,8 +25,10 @@ def _under(path, name: str) -> bool:
 
 
 def decay_mask(params):
-    """Decay matrices only: norms and IA3 scales (vectors, stacked one per adapter) keep their scale."""
-    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim >= 2 and not _under(path, "ia3"), params)
+    """Decay matrices only: norms and IA3 scales (vectors, stacked one per adapter) keep their scale,
+    and so do PKM value rows (a row not read for a while would otherwise decay away)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and not _under(path, "ia3") and not _under(path, "slot_values"), params)
 
 
 def adapter_labels(params):

@@ -43,6 +43,12 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "gates": None,
     "adapters": None,
     "lora": None,
+    # product-key memory: the query width splits like attention heads; the sub-key tables are
+    # small and replicated; the value table (3b: 4M rows) splits its rows over fsdp and tensor
+    # (a read gathers the local rows and sums over the shards, never the whole table)
+    "pkm_query": ("tensor",),
+    "pkm_keys": None,
+    "pkm_values": ("fsdp", "tensor"),
 }
 
 

@@ -19,3 +19,11 @@ def atomic_write_text(p: str | os.PathLike, text: str) -> None:
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(dst)
+
+
+def atomic_write_bytes(p: str | os.PathLike, data: bytes) -> None:
+    """`atomic_write_text` for bytes (npy arrays, FAISS indexes)."""
+    dst = path(p)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(dst)
