@@ -214,6 +214,20 @@ class MemoryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    k_max: int
+    thoughts_per_step: int
+    recipe: str  # one of LATENT_RECIPES
+    projection_hidden: int  # 0: d_model
+    codi_distill: float
+    codi_teacher_ce: float
+    sigma: float
+    step_cost: float
+    kl_weight: float
+    verifier_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     dir: str  # "" = <run.out_dir>/checkpoints
     every: int
@@ -236,6 +250,7 @@ class Config:
     mesh: MeshConfig
     data: DataConfig
     memory: MemoryConfig
+    latent: LatentConfig
     checkpoint: CheckpointConfig
     run: RunConfig
 
@@ -256,6 +271,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 DATA_SOURCES = ("synthetic", "tfrecord")
 EPISODIC_INDEXES = ("flat", "ivf", "ivfpq", "hnsw")
+LATENT_RECIPES = ("coconut", "codi", "stochastic")
 TRAINABLE = ("all", "adapters")
 COMPRESSION = ("", "GZIP")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -434,6 +450,7 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
     _validate_modules(cfg, fail)
     _validate_data(cfg, fail)
     _validate_memory(cfg, fail)
+    _validate_latent(cfg, fail)
 
 
 def _validate_modules(cfg: Config, fail) -> None:
@@ -569,6 +586,22 @@ def _validate_memory(cfg: Config, fail) -> None:
     if mem.episodic_index in ("ivfpq",) and cfg.model.resolved_episodic_dim % mem.episodic_pq_m:
         fail(("memory.episodic_pq_m", "model.episodic_dim"),
              f"memory.episodic_pq_m={mem.episodic_pq_m} must divide the key width {cfg.model.resolved_episodic_dim}")
+
+
+def _validate_latent(cfg: Config, fail) -> None:
+    lat = cfg.latent
+    if lat.recipe not in LATENT_RECIPES:
+        fail("latent.recipe", f"latent.recipe={lat.recipe!r} must be one of {LATENT_RECIPES}")
+    for key in ("k_max", "thoughts_per_step"):
+        if getattr(lat, key) <= 0:
+            fail(f"latent.{key}", f"latent.{key}={getattr(lat, key)} must be positive")
+    if lat.projection_hidden < 0:
+        fail("latent.projection_hidden", f"latent.projection_hidden={lat.projection_hidden} must be >= 0 (0 = d_model)")
+    if not lat.sigma > 0:
+        fail("latent.sigma", f"latent.sigma={lat.sigma} must be positive")
+    for key in ("codi_distill", "codi_teacher_ce", "step_cost", "kl_weight", "verifier_weight"):
+        if getattr(lat, key) < 0:
+            fail(f"latent.{key}", f"latent.{key}={getattr(lat, key)} must not be negative")
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -23,7 +23,7 @@ def _ones(b, t):
 def test_3b_param_count_from_eval_shape_equals_closed_form():
     # the bare trunk (modules off); tests/test_modules.py counts the 3b model with every module
     cfg = load_config("3b", ["model.workspace=false", "model.router=false", "model.ssm_layers=[]", "model.adapters=[]",
-                             "model.pkm_layers=[]"])
+                             "model.pkm_layers=[]", "model.episodic=false"])
     _, _, _, abstract = abstract_train_state(cfg)
     counted = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     m = cfg.model

@@ -1,8 +1,10 @@
-"""`python -m quietreasoning.data build | inspect`: make TFRecord shards, or look inside them.
+"""`python -m quietreasoning.data build | inspect | tasks`: make TFRecord shards, look inside
+them, or write a reasoning-task split as jsonl.
 
     python -m quietreasoning.data build --output-dir data/tiny [--source embedded|hub|local:PATH]
                                         [--docs N] [--vocab-size V] [--config tiny] [data.key=value ...]
     python -m quietreasoning.data inspect data/tiny
+    python -m quietreasoning.data tasks --task varassign --split train -n 1000 --seed 0 --output x.jsonl
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def _inspect(args) -> int:
     return 0
 
 
+def _tasks(args) -> int:
+    from quietreasoning.data.tasks import reasoning_split
+    from quietreasoning.utils import io
+
+    examples = reasoning_split(args.task, args.split, args.n, args.seed, progress=not args.quiet)
+    io.atomic_write_text(args.output, "".join(json.dumps(ex) + "\n" for ex in examples))
+    steps = sum(len(ex["steps"]) for ex in examples) / max(len(examples), 1)
+    print(f"{args.output}: {len(examples):,} {args.task} {args.split} examples (seed {args.seed}), "
+          f"{steps:.2f} steps each on average")
+    return 0
+
+
 @cli.one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m quietreasoning.data", description=__doc__.splitlines()[0])
@@ -85,8 +99,15 @@ def main(argv=None) -> int:
     i.add_argument("dir")
     i.add_argument("--samples", type=int, default=3, help="documents to decode (default 3)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    t = sub.add_parser("tasks", help="write a reasoning-task split as jsonl: task, question, steps, answer, difficulty")
+    t.add_argument("--task", required=True, help="addition | multiplication | prosqa | prontoqa | varassign")
+    t.add_argument("--split", default="train", help="train | test | ood (default train)")
+    t.add_argument("-n", type=int, default=1000, help="examples (default 1000)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output", required=True, help="the .jsonl file to write (or gs://)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    return _build(args) if args.command == "build" else _inspect(args)
+    return {"build": _build, "inspect": _inspect, "tasks": _tasks}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ after 'A:' is left for the model to produce: SentencePiece attaches a space to t
 so the training tokens of 'A: <answer>' start with those of 'A:', not of 'A: '. The answer is
 the decoded continuation up to <eos> or the first newline, stripped.
 
+The memory systems prompt the same way: `with_memory` gives the model's episodic read the top-k
+facts a FactMemory (memory/retrieval.py) retrieves for the question; `with_knn` mixes a kNN-LM
+datastore (memory/knn_lm.py) into every answer token, with or without that read.
+bench/popqa_memory.py trains and compares all three on the synthetic world.
+
     python -m quietreasoning.eval.popqa generate --output facts.jsonl --seed 0
     python -m quietreasoning.eval.popqa evaluate --records facts.jsonl --tokenizer data/tiny/tokenizer.model \\
         --checkpoint runs/tiny/checkpoints [--config tiny model.vocab_size=2048 ...] [--limit 500]
@@ -347,6 +352,93 @@ def closed_book(model, tokenizer, *, max_new_tokens: int = 16) -> PredictFn:
     def predict(questions: list[str]) -> list[str]:
         new = generate(model, [prompt_ids(tokenizer, q) for q in questions], max_new_tokens=max_new_tokens,
                        eos_id=tokenizer.eos_id)
+        return [answer_text(tokenizer.decode(ids)) for ids in new]
+    return predict
+
+
+# ----------------------------------------------------------------------------- with memory: episodic read, kNN-LM
+
+def with_memory(model, tokenizer, memory, *, max_new_tokens: int = 16) -> PredictFn:
+    """The predict function of `model` (a Trunk with model.episodic on) reading retrieved facts:
+    each question retrieves its top-k facts from `memory` (a memory/retrieval.py FactMemory), whose
+    stored states become the memory tokens of its episodic read, and it answers greedily as
+    `closed_book` does."""
+    from quietreasoning.memory.retrieval import memory_arrays
+    from quietreasoning.training.inference import generate
+
+    def predict(questions: list[str]) -> list[str]:
+        inputs = memory_arrays(memory.retrieve(questions))
+        new = generate(model, [prompt_ids(tokenizer, q) for q in questions], max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id, memory=inputs["memory"], memory_mask=inputs["memory_mask"])
+        return [answer_text(tokenizer.decode(ids)) for ids in new]
+    return predict
+
+
+def with_knn(model, tokenizer, datastore, *, memory=None, lam: float = 0.25, k: int = 32, temperature: float = 1.0,
+             max_new_tokens: int = 16) -> PredictFn:
+    """The predict function of `model` with the kNN-LM (memory/knn_lm.py) mixed into every answer
+    token: p = lam p_knn + (1 - lam) p_lm, p_knn from the `k` nearest entries of `datastore` to the
+    final-norm hidden state at the row's last token, `temperature` on their squared distances;
+    greedy. With `memory` (a FactMemory) the model also reads retrieved facts, as in `with_memory`.
+
+    The datastore is searched on the host (FAISS) between decode steps, so each step is one jitted
+    forward over the (rows, bucket length) buffer, recomputed in full as training/inference.py does."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quietreasoning.memory.knn_lm import interpolate, knn_log_probs
+    from quietreasoning.memory.retrieval import memory_arrays
+    from quietreasoning.training.inference import bucket_shape
+
+    if not 0 <= lam <= 1:
+        raise PopQAError(f"with_knn: lam={lam} must lie in [0, 1]")
+    if datastore.dim != model.cfg.d_model:
+        raise PopQAError(f"with_knn: the datastore's keys have width {datastore.dim} but model.d_model="
+                         f"{model.cfg.d_model}; build it with this model")
+    vocab = model.cfg.vocab_size
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def last_position(params, tokens, lengths, memory, memory_mask):
+        """(hidden state (B, D), LM log-probabilities (B, V)) at each row's last real token."""
+        m = nnx.merge(graphdef, params)
+        index = jnp.arange(tokens.shape[1])
+        segment_ids = (index[None, :] < lengths[:, None]).astype(jnp.int32)
+        positions = jnp.broadcast_to(index, tokens.shape)
+        hidden = m.forward(tokens, segment_ids, positions, memory=memory, memory_mask=memory_mask)[0]
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return last, jax.nn.log_softmax(m.logits(last), axis=-1)
+
+    @jax.jit
+    def mixed_argmax(lm_log_probs, distances, tokens):
+        return jnp.argmax(interpolate(lm_log_probs, knn_log_probs(distances, tokens, vocab, temperature), lam), -1)
+
+    def predict(questions: list[str]) -> list[str]:
+        prompts = [prompt_ids(tokenizer, q) for q in questions]
+        inputs = {"memory": None, "memory_mask": None}
+        if memory is not None:
+            inputs = memory_arrays(memory.retrieve(questions))
+        _, length = bucket_shape(1, max(len(p) for p in prompts), max_new_tokens)
+        tokens = np.zeros((len(prompts), length), np.int32)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        for r, p in enumerate(prompts):
+            tokens[r, :len(p)] = p
+        new: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        for _ in range(max_new_tokens):
+            hidden, lm_log_probs = last_position(params, tokens, lengths, inputs["memory"], inputs["memory_mask"])
+            distances, neighbours = datastore.search(np.asarray(hidden), k)
+            picked = np.asarray(mixed_argmax(lm_log_probs, distances, neighbours))
+            for r in np.flatnonzero(~done):
+                if picked[r] == tokenizer.eos_id:
+                    done[r] = True
+                else:
+                    new[r].append(int(picked[r]))
+                    tokens[r, lengths[r]] = picked[r]
+                    lengths[r] += 1
+            if done.all():
+                break
         return [answer_text(tokenizer.decode(ids)) for ids in new]
     return predict
 

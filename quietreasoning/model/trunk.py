@@ -9,13 +9,14 @@ accumulate in float32. Logits come out in float32, ready for the z-loss.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from quietreasoning.config import ModelConfig
+from quietreasoning.memory.episodic_read import EpisodicRead, check_memory, episodic_read_param_count
 from quietreasoning.memory.pkm import ProductKeyMemory, pkm_param_count
 from quietreasoning.model.adapters import AdapterBank, adapter_param_count
 from quietreasoning.model.layers import RMSNorm, matmul, param
@@ -49,6 +50,20 @@ def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
     return same[:, None]
 
 
+class KVCache(NamedTuple):
+    """Every layer's keys and values for up to S tokens of B rows, written left to right.
+
+    keys, values  (n_layers, B, S, n_kv_heads, head_dim) in the compute dtype, after RoPE
+    valid         (B, S) bool: the slot holds a token the row attends to (False: padding, a
+                  skipped latent step, or not yet written)
+    length        () int32: slots written so far; the next tokens go at [length, length + T)
+    """
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
@@ -62,7 +77,12 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (h * dh, d), ("heads", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
+                 adapter: AdapterBank | None = None, gates: jax.Array | None = None,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+        """x (B, T, D) -> (B, T, D). With `cache` = (keys, values, start), the layer's cache (B, S, KV, Dh)
+        and where the T new tokens go: their keys and values are written at [start, start + T), the
+        queries attend over the whole cache (`mask` is then (B, 1, T, S)), and the result is
+        (output, (keys, values)) with the updated cache."""
         b, t, _ = x.shape
         h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         q = matmul(x, self.wq[...], self.dtype)
@@ -74,6 +94,11 @@ class Attention(nnx.Module):
             v = adapter.rescale("v", v + adapter.delta("wv", x, gates), gates)
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        if cache is not None:
+            keys, values, start = cache
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
+            k, v = keys, values
         q = q.reshape(b, t, kv, h // kv, dh)  # query groups share a kv head
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(dh)
@@ -82,7 +107,8 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(self.dtype), v.astype(self.dtype),
                          preferred_element_type=jnp.float32).reshape(b, t, h * dh)
         y = matmul(out, self.wo[...], self.dtype)
-        return y if adapter is None else y + adapter.delta("wo", out, gates)
+        y = y if adapter is None else y + adapter.delta("wo", out, gates)
+        return y if cache is None else (y, (k, v))
 
 
 class SwiGLU(nnx.Module):
@@ -121,6 +147,12 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, mask, self.adapters, gates)
         return x + self.mlp(self.mlp_norm(x), self.adapters, gates)
 
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv) -> tuple[jax.Array, tuple]:
+        """The block over new tokens with the layer's KV cache (see Attention): (x, updated (keys, values))."""
+        y, kv = self.attn(self.attn_norm(x), positions, mask, self.adapters, None, kv)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x), self.adapters, None), kv
+
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
                gates: jax.Array | None) -> jax.Array:
@@ -140,6 +172,8 @@ class Trunk(nnx.Module):
                  there, if any): x + gate * pkm(x)
       adapters   inside every block; gated by the router from block `ws_layer` on, the uniform
                  mixture before it (no gate exists there yet)
+      episodic   a cross-attention read of retrieved memory tokens before block `episodic_layer`
+                 (memory/episodic_read.py): x + gate * read(x, memory), when forward is given memory
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -157,6 +191,7 @@ class Trunk(nnx.Module):
         self.router = Router(cfg, rngs=rngs) if cfg.router else None
         self.ssm = nnx.List([SSMExpert(cfg, rngs=rngs) for _ in cfg.ssm_layers])
         self.pkm = nnx.List([ProductKeyMemory(cfg, rngs=rngs) for _ in cfg.pkm_layers])
+        self.episodic = EpisodicRead(cfg, rngs=rngs) if cfg.episodic else None
         if cfg.remat == "none":
             self._block_fn = _run_block
         else:
@@ -167,21 +202,27 @@ class Trunk(nnx.Module):
         return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
 
     def forward(self, tokens: jax.Array | None, segment_ids: jax.Array, positions: jax.Array, *,
-                embeddings: jax.Array | None = None, causal: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+                embeddings: jax.Array | None = None, causal: bool = True, memory: jax.Array | None = None,
+                memory_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """(final-norm hidden states (B, T, D) f32, aux): aux holds what the switched-on modules
         report for their losses and logs ("workspace": states and aux, "router": gates, logits, mask,
         "pkm_slots": per PKM layer the slots its heads read, (B, T, pkm_heads, pkm_topk) int32).
 
         `embeddings` (B, T, D) replace the token lookup (soft prompts, latent thoughts; `tokens` is
-        then unused); `causal=False` lets every token see its whole segment (an encoder)."""
+        then unused); `causal=False` lets every token see its whole segment (an encoder).
+        `memory` (B, M, model.resolved_episodic_dim) and `memory_mask` (B, M) bool (None: all real)
+        are the retrieved memory tokens the episodic read attends to; memory None means no
+        retrieval for this call, and the read is skipped."""
         cfg = self.cfg
+        if memory is not None:
+            check_memory(cfg, segment_ids.shape[0], memory, memory_mask)
         x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(jnp.float32)
         mask = attention_mask(segment_ids, causal)
         reads = {layer: j for j, layer in enumerate(cfg.ws_read_layers)}
         experts = {layer: j for j, layer in enumerate(cfg.ssm_layers)}
         memories = {layer: j for j, layer in enumerate(cfg.pkm_layers)}
         aux: dict[str, Any] = {}
-        states = adapter_gates = ssm_gates = pkm_gates = None
+        states = adapter_gates = ssm_gates = pkm_gates = episodic_gates = None
         for i, block in enumerate(self.blocks):
             if self.workspace is not None:
                 if i == cfg.ws_layer:
@@ -193,8 +234,12 @@ class Trunk(nnx.Module):
                         per_token = {k: jnp.repeat(g, cfg.ws_chunk, axis=1) for k, g in gates.items()}
                         adapter_gates = per_token["adapters"] if cfg.adapters else None
                         ssm_gates, pkm_gates = per_token["ssm"], per_token["pkm"]
+                        episodic_gates = per_token["episodic"]
                 if i in reads:
                     x = x + self.workspace.read(reads[i], x, states, segment_ids)
+            if memory is not None and i == cfg.episodic_layer:
+                delta = self.episodic(x, memory, memory_mask)
+                x = x + (delta if episodic_gates is None else episodic_gates * delta)
             x = self._block_fn(block, x, positions, mask, adapter_gates)
             if i in experts:
                 j = experts[i]
@@ -205,6 +250,51 @@ class Trunk(nnx.Module):
                 aux.setdefault("pkm_slots", []).append(slots)
                 x = x + (delta if pkm_gates is None else pkm_gates * delta)
         return self.final_norm(x), aux
+
+    def empty_cache(self, batch: int, size: int) -> KVCache:
+        """A KV cache with room for `size` tokens per row (see KVCache)."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.resolved_head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((batch, size), bool),
+                       jnp.zeros((), jnp.int32))
+
+    def extend(self, embeddings: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache,
+               *, layers: bool = False) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
+        """Runs T new inputs after what `cache` holds: embeddings (B, T, D) (embed_tokens of token ids,
+        or latent thoughts), positions (B, T), valid (B, T) (False: padding, seen by no one). Token i
+        of row b sees the row's valid cache slots and valid new tokens up to itself. Returns
+        (final-norm hidden states (B, T, D) f32, the cache with the new tokens written), and with
+        `layers` also the residual stream after every block (n_layers, B, T, D).
+
+        A prefill plus one-token steps give what `forward` gives on the whole sequence (up to float
+        rounding). The cached path runs the trunk, the adapters (their uniform mixture) and PKM;
+        the workspace, router and SSM experts read whole chunks or carry a scan state, so a model
+        with them on runs its think blocks through `forward` instead."""
+        cfg = self.cfg
+        if cfg.workspace or cfg.router or cfg.ssm_layers:
+            raise ValueError("Trunk.extend: the KV cache serves the trunk, adapters and PKM; switch off "
+                             "model.workspace, model.router and model.ssm_layers for cached decoding and latent "
+                             "training, or run the sequence through Trunk.forward")
+        t = embeddings.shape[1]
+        start = cache.length
+        cache_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
+        slots = jnp.arange(cache.valid.shape[1])
+        causal = slots[None, :] <= start + jnp.arange(t)[:, None]  # (T, S)
+        mask = (causal[None] & cache_valid[:, None, :])[:, None]  # (B, 1, T, S)
+        memories = {layer: j for j, layer in enumerate(cfg.pkm_layers)}
+        x = embeddings.astype(jnp.float32)
+        keys, values, stream = [], [], []
+        for i, block in enumerate(self.blocks):
+            x, (k, v) = block.cached(x, positions, mask, (cache.keys[i], cache.values[i], start))
+            keys.append(k)
+            values.append(v)
+            if i in memories:
+                x = x + self.pkm[memories[i]](x)[0]
+            stream.append(x)
+        cache = KVCache(jnp.stack(keys), jnp.stack(values), cache_valid, start + t)
+        if layers:
+            return self.final_norm(x), cache, jnp.stack(stream)
+        return self.final_norm(x), cache
 
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """Final-norm hidden states (B, T, D) in float32."""
@@ -223,7 +313,8 @@ def param_count(cfg: ModelConfig) -> int:
     """The closed-form parameter count of the whole model for `cfg`: the trunk plus every module
     that is on."""
     return (trunk_param_count(cfg) + adapter_param_count(cfg) + workspace_param_count(cfg)
-            + len(cfg.ssm_layers) * ssm_param_count(cfg) + router_param_count(cfg) + pkm_param_count(cfg))
+            + len(cfg.ssm_layers) * ssm_param_count(cfg) + router_param_count(cfg) + pkm_param_count(cfg)
+            + episodic_read_param_count(cfg))
 
 
 def trunk_param_count(cfg: ModelConfig) -> int:

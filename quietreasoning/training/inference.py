@@ -49,11 +49,12 @@ def bucket_shape(n_prompts: int, longest: int, max_new_tokens: int, chunk: int =
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _decode(graphdef, state, tokens, lengths, done, finish_ids, temperature, key, *, max_new_tokens: int,
-            greedy: bool):
+def _decode(graphdef, state, tokens, lengths, done, finish_ids, temperature, key, memory=None, memory_mask=None, *,
+            max_new_tokens: int, greedy: bool):
     """Extends each row of `tokens` (B, L) after its `lengths` (B,) real tokens by up to
     `max_new_tokens`; rows with `done` set are left alone. Returns (new tokens (B, max_new_tokens),
-    how many each row produced (B,), its finish token included)."""
+    how many each row produced (B,), its finish token included). `memory` (B, M, E) and
+    `memory_mask` (B, M), when given, are every step's episodic-read input (Trunk.forward)."""
     model = nnx.merge(graphdef, state)
     rows, length = tokens.shape
     index = jnp.arange(length)
@@ -68,7 +69,7 @@ def _decode(graphdef, state, tokens, lengths, done, finish_ids, temperature, key
         step, tokens, lengths, done, out, produced = carry
         segment_ids = (index[None, :] < lengths[:, None]).astype(jnp.int32)
         positions = jnp.broadcast_to(index, (rows, length))
-        hidden = model.hidden(tokens, segment_ids, positions)
+        hidden = model.forward(tokens, segment_ids, positions, memory=memory, memory_mask=memory_mask)[0]
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, D)
         logits = model.logits(last)
         if greedy:
@@ -90,10 +91,13 @@ def _decode(graphdef, state, tokens, lengths, done, finish_ids, temperature, key
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int | None,
-             temperature: float = 0.0, stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0) -> list[list[int]]:
+             temperature: float = 0.0, stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0,
+             memory=None, memory_mask=None) -> list[list[int]]:
     """The new token ids of each prompt (a list per prompt, in order), cut before the first finish
     token (`eos_id`, or any of `stop_ids`). Greedy when `temperature` == 0; sampling is a pure
-    function of `seed`. `model` is a Trunk: model(tokens, segment_ids, positions) -> logits."""
+    function of `seed`. `model` is a Trunk: model(tokens, segment_ids, positions) -> logits.
+    `memory` (len(prompts), M, E) and `memory_mask` (len(prompts), M): retrieved memory tokens each
+    prompt's episodic read attends to (memory/retrieval.py memory_arrays); None: no retrieval."""
     vocab = model.cfg.vocab_size
     if max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be positive")
@@ -122,9 +126,18 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
         lengths[r], done[r] = len(p), False
     finish_ids = np.array(finish or [-1], np.int32)  # -1 matches nothing
 
+    if memory is not None:  # filler rows read no memory
+        memory = jnp.asarray(memory, jnp.float32)
+        if memory.ndim != 3 or len(memory) != len(prompts):
+            raise ValueError(f"generate: memory of shape {memory.shape} must be ({len(prompts)}, M, E): one row of "
+                             "memory tokens per prompt")
+        given = jnp.ones(memory.shape[:2], bool) if memory_mask is None else jnp.asarray(memory_mask, bool)
+        memory = jnp.pad(memory, ((0, rows - len(prompts)), (0, 0), (0, 0)))
+        memory_mask = jnp.pad(given, ((0, rows - len(prompts)), (0, 0)))
     graphdef, state = nnx.split(model)
     out, produced = _decode(graphdef, state, tokens, lengths, done, finish_ids, jnp.float32(max(temperature, 1e-6)),
-                            jax.random.key(seed), max_new_tokens=max_new_tokens, greedy=temperature == 0)
+                            jax.random.key(seed), memory, memory_mask, max_new_tokens=max_new_tokens,
+                            greedy=temperature == 0)
     out, produced = np.asarray(out), np.asarray(produced)
     results = []
     for r in range(len(prompts)):

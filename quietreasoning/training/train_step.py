@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -24,6 +25,8 @@ from quietreasoning.training.losses import module_losses
 from quietreasoning.training.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
+# optional: retrieved memory tokens (B, M, E) and their mask (B, M) for the episodic read (memory/retrieval.py)
+MEMORY_KEYS = ("memory", "memory_mask")
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float):
@@ -108,7 +111,8 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
 
     def loss_fn(params, batch, denom):
         model = nnx.merge(graphdef, params)
-        h, aux = model.forward(batch["inputs"], batch["segment_ids"], batch["positions"])
+        h, aux = model.forward(batch["inputs"], batch["segment_ids"], batch["positions"],
+                               memory=batch.get("memory"), memory_mask=batch.get("memory_mask"))
         total, ce = lm_loss(model.logits(h), batch["targets"], batch["loss_mask"], t.z_loss)
         embeddings = jnp.take(model.embed[...], batch["inputs"], axis=0) if "workspace" in aux else None
         extra, metrics = module_losses(aux, batch, cfg, embeddings)
@@ -142,14 +146,14 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
         metrics = {"loss": ce / denom, "grad_norm": grad_norm, **extra}
         return new_state, metrics
 
-    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+    # one sharding for every batch entry (rows over the data axes), whichever optional keys are present
+    return jax.jit(step, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def put_batch(batch: dict[str, Any], batch_sh: NamedSharding) -> dict[str, jax.Array]:
     """Global arrays from the global host batch: each process places only the shards its own
     devices hold, whatever the mesh layout across hosts."""
-    return {k: jax.make_array_from_callback(batch[k].shape, batch_sh, lambda idx, rows=batch[k]: rows[idx])
-            for k in BATCH_KEYS}
+    return {k: jax.make_array_from_callback(batch[k].shape, batch_sh, lambda idx, rows=np.asarray(batch[k]): rows[idx])
+            for k in (*BATCH_KEYS, *MEMORY_KEYS) if k in batch}
