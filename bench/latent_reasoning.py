@@ -30,7 +30,7 @@ def summary_row(r: dict) -> str:
         key = "digits=4"
         target = "latent >= 0.9 x CoT on 4-digit"
         d = by.get(key)
-        met = d is not None and d["latent"] >= 0.9 * d["cot"]
+        met = d is not None and d["cot"] > 0 and d["latent"] >= 0.9 * d["cot"]  # a teacher at 0% proves nothing
         detail = f"4-digit: latent {100 * d['latent']:.1f}% vs CoT {100 * d['cot']:.1f}%" if d else "no 4-digit slice"
     elif r["task"] == "varassign":
         hard = [d for name, d in by.items() if int(name.split("=")[1]) >= 3]
@@ -42,7 +42,7 @@ def summary_row(r: dict) -> str:
         detail = f">= 3 hops (n={n}): latent {100 * lat:.1f}% vs K=0 {100 * k0:.1f}% ({100 * (lat - k0):+.1f})"
     else:
         target = "latent >= 0.9 x CoT"
-        met = r["latent_vs_cot"] >= 0.9
+        met = r["cot_accuracy"] > 0 and r["latent_vs_cot"] >= 0.9
         detail = f"latent / CoT = {r['latent_vs_cot']:.2f}"
     leak = "n/a" if r["leakage"] is None else f"{100 * r['leakage']:.2f}%"
     return (f"| {r['task']} | {r['recipe']} | {r['params']:,} | {r['steps']} | {r['train_seconds'] / 60:.1f} | "

@@ -14,7 +14,8 @@ best K and chain of thought):
                    chain-of-thought teacher the curriculum starts from)
   latent advantage accuracy at the best K minus accuracy at K = 0
   helped / hurt    questions right at the best K and wrong at K = 0, and the reverse
-  questions/s      answered per second in each mode (the same batch size for all)
+  questions/s      answered per second in each mode (the same batch size for all; compilation
+                   excluded by a warm-up call)
   leakage          the share of whitespace tokens of the answer-only generations that belong to the
                    task's rationale lexicon (data/tasks.rationale_lexicon); "n/a" where the lexicon
                    is empty
@@ -64,6 +65,9 @@ def _answers(model, tokenizer, examples: Sequence[dict], prompts: list[list[int]
     ctl = ModeController(tokenizer.bot_id, tokenizer.eot_id, 0)
     ks = np.broadcast_to(np.asarray(k), (len(prompts),))
     texts: list[str] = []
+    # warm-up: the first call compiles; questions/s should count decoding only
+    generate(model, ctl, prompts[:batch_size], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+             k=ks[:batch_size].tolist())
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         new = generate(model, ctl, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
