@@ -35,6 +35,7 @@ from flax import nnx
 from quietreasoning.config import ModelConfig
 from quietreasoning.model.layers import named, param
 from quietreasoning.model.trunk import KVCache, Trunk
+from quietreasoning.training.inference import next_power_of_two
 
 
 class ThoughtProjection(nnx.Module):
@@ -222,8 +223,8 @@ def generate(model: LatentReasoner, controller: ModeController, prompts: Sequenc
         ks[:] = np.asarray(k, np.int32)
     if (ks < 0).any():
         raise ValueError(f"generate: k={k} must be >= 0 thoughts per block")
-    rows = 1 << max(0, (len(prompts) - 1).bit_length())
-    length = max(16, 1 << max(0, (max(len(p) for p in prompts) - 1).bit_length()))
+    rows = next_power_of_two(len(prompts))
+    length = max(16, next_power_of_two(max(len(p) for p in prompts)))
     tokens = np.full((rows, length), pad_id, np.int32)
     lengths, done, kk = np.ones(rows, np.int32), np.ones(rows, bool), np.zeros(rows, np.int32)
     for r, p in enumerate(prompts):
@@ -231,7 +232,7 @@ def generate(model: LatentReasoner, controller: ModeController, prompts: Sequenc
     force = np.array(sorted(force_think_at) or [-1], np.int32)
     force = np.broadcast_to(force, (rows, len(force)))
     steps = max_new_tokens + int(ks.max()) * (max_blocks + 1)
-    steps = 1 << (steps - 1).bit_length()  # a power of two: nearby K share one compilation
+    steps = next_power_of_two(steps)  # nearby K share one compilation
     finish = np.array([eos_id] if eos_id is not None else [-1], np.int32)
     graphdef, state = nnx.split(model)
     out, n_out = _decode(graphdef, state, tokens, lengths, done, kk, force, finish, controller.bot_id,

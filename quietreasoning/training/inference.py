@@ -37,15 +37,15 @@ from flax import nnx
 MIN_LENGTH = 32  # the shortest bucket: shorter prompts share one compilation
 
 
-def _next_power_of_two(n: int) -> int:
+def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 def bucket_shape(n_prompts: int, longest: int, max_new_tokens: int, chunk: int = 1) -> tuple[int, int]:
     """(rows, length) of the buffer for a batch: both rounded up to a power of two, the length at
     least MIN_LENGTH and a multiple of `chunk` (the workspace's chunk, or 1)."""
-    length = max(MIN_LENGTH, _next_power_of_two(longest + max_new_tokens))
-    return _next_power_of_two(n_prompts), -(-length // chunk) * chunk
+    length = max(MIN_LENGTH, next_power_of_two(longest + max_new_tokens))
+    return next_power_of_two(n_prompts), -(-length // chunk) * chunk
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))

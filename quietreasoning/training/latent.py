@@ -108,12 +108,15 @@ def make_batch(examples: Sequence[Encoded], stage: int, thoughts_per_step: int, 
 
 
 def latent_forward(model: LatentReasoner, batch: dict, noise: jax.Array | None = None, *,
-                   inputs: jax.Array | None = None, layers: bool = False) -> dict:
+                   inputs: jax.Array | None = None, choose_active: Callable | None = None,
+                   layers: bool = False) -> dict:
     """Prefix, thoughts and suffix through one KV cache. Returns a dict: logits (B, Ls, V) where
     logits[:, j] predicts suffix[:, j]; the fed thoughts, their projections `mus` and the steps'
     hidden states (B, S, D); the question state `question` (B, D) (the hidden state at the
     prefix's last token); and with `layers` the residual stream after every block at each
-    predictor, (n_layers, B, Ls, D). `noise` / `inputs`: see model/latent.think."""
+    predictor, (n_layers, B, Ls, D). `noise` / `inputs`: see model/latent.think.
+    `choose_active(question)` -> (B, S) replaces batch["active"] once the question state is known
+    (the stochastic loop's budget head); the thought slots that ran are returned as `active`."""
     trunk = model.trunk
     prefix, pvalid = batch["prefix"], batch["prefix_valid"]
     suffix, svalid, active = batch["suffix"], batch["suffix_valid"], batch["active"]
@@ -122,12 +125,14 @@ def latent_forward(model: LatentReasoner, batch: dict, noise: jax.Array | None =
     ppos = jnp.maximum(jnp.cumsum(pvalid, axis=1) - 1, 0)
     h, cache, pstream = trunk.extend(trunk.embed_tokens(prefix), ppos, pvalid, cache, layers=True)
     question = h[:, -1]
+    if choose_active is not None:
+        active = choose_active(question)
     block = think(model, question, ppos[:, -1], cache, active, noise, inputs=inputs, layers=layers)
     spos = block["positions"][:, None] + jnp.cumsum(svalid, axis=1)
     hs, _, sstream = trunk.extend(trunk.embed_tokens(suffix), spos, svalid, block["cache"], layers=True)
     predictors = jnp.concatenate([block["h_last"][:, None], hs[:, :-1]], axis=1)
     result = {"logits": trunk.logits(predictors), "thoughts": block["thoughts"], "mus": block["mus"],
-              "thought_hidden": block["hidden"], "question": question}
+              "thought_hidden": block["hidden"], "question": question, "active": active}
     if layers:
         # the stream before the suffix: the last thought's if the row ran one, else the prefix's last token
         before = pstream[:, :, -1]
@@ -202,18 +207,17 @@ def stochastic_loss(model: LatentReasoner, batch: dict, *, reference_graph, sigm
 
     k_budget, k_eps = jax.random.split(batch["key"])
     k_max = batch["active"].shape[1]
-    # the question state, for the budget head: the same prefix pass the loop itself begins with
-    trunk = model.trunk
-    pvalid = batch["prefix_valid"]
-    ppos = jnp.maximum(jnp.cumsum(pvalid, axis=1) - 1, 0)
-    h_q, _ = trunk.extend(trunk.embed_tokens(batch["prefix"]), ppos, pvalid,
-                          trunk.empty_cache(pvalid.shape[0], pvalid.shape[1]))
-    question = jax.lax.stop_gradient(h_q[:, -1])
-    k, budget_logp = model.budget.sample(question, k_budget)
-    active = jnp.arange(k_max)[None, :] < k[:, None]
+    budget = {}
+
+    def choose_active(question):  # the budget head reads the question state of the loop's own prefix pass
+        budget["question"] = jax.lax.stop_gradient(question)
+        budget["k"], budget["log_prob"] = model.budget.sample(budget["question"], k_budget)
+        return jnp.arange(k_max)[None, :] < budget["k"][:, None]
+
     eps = jax.random.normal(k_eps, batch["active"].shape + (model.cfg.d_model,))
+    out = latent_forward(model, batch, sigma * eps, choose_active=choose_active)
+    question, k, budget_logp, active = budget["question"], budget["k"], budget["log_prob"], out["active"]
     run = dict(batch, active=active)
-    out = latent_forward(model, run, sigma * eps)
     z = jax.lax.stop_gradient(out["thoughts"])
     ce = token_ce(out["logits"], batch["suffix"], batch["loss_mask"])
     correct = answer_correct(out["logits"], batch)
