@@ -1,5 +1,5 @@
 """Closed-book PopQA decoding cost: questions/s and new tokens/s of `training/inference.generate`
-(full recompute at every step, no KV cache yet) at a few batch sizes, one device, in one process.
+(KV-cached: one prefill, then one-token steps) at a few batch sizes, one device, in one process.
 
 The prompts are real: synthetic PopQA questions (data/tasks.py) in the training documents' form,
 tokenised by a BPE tokenizer trained on the facts with the preset's vocabulary. The model is
@@ -8,8 +8,9 @@ freshly initialised (decoding cost does not depend on what it knows); every row 
 first, then timed in turns with the others; its time is the median of its turns.
 
 Reference in the same turns: one jitted forward over the same buffer (hidden states at every
-position, logits at each row's last token), which is what one full-recompute step costs at best;
-"step / forward" near 1 means the loop adds nothing, and a KV cache would replace most of it.
+position, logits at each row's last token), which is what one step of the recomputing decoder
+costs at best; "step / forward" well below 1 is what the KV cache saves (bench/decode.py compares
+the two decoders directly).
 
     python bench/popqa_decode.py                        # tiny preset, appends to docs/benchmarks.md
     python bench/popqa_decode.py --batches 1 8 --turns 2 --no-append

@@ -228,6 +228,19 @@ class LatentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    kv_bits: int  # one of KV_BITS
+    kv_group: int
+    snapkv_keep: float  # 1.0: SnapKV off
+    snapkv_window: int
+    snapkv_kernel: int
+    awq_bits: int  # one of AWQ_BITS
+    awq_group: int
+    awq_grid: int
+    awq_calib_batches: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     dir: str  # "" = <run.out_dir>/checkpoints
     every: int
@@ -251,6 +264,7 @@ class Config:
     data: DataConfig
     memory: MemoryConfig
     latent: LatentConfig
+    serve: ServeConfig
     checkpoint: CheckpointConfig
     run: RunConfig
 
@@ -272,6 +286,8 @@ REMAT = ("none", "full", "dots")
 DATA_SOURCES = ("synthetic", "tfrecord")
 EPISODIC_INDEXES = ("flat", "ivf", "ivfpq", "hnsw")
 LATENT_RECIPES = ("coconut", "codi", "stochastic")
+KV_BITS = (16, 8, 4)
+AWQ_BITS = (8, 4)
 TRAINABLE = ("all", "adapters")
 COMPRESSION = ("", "GZIP")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -451,6 +467,7 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
     _validate_data(cfg, fail)
     _validate_memory(cfg, fail)
     _validate_latent(cfg, fail)
+    _validate_serve(cfg, fail)
 
 
 def _validate_modules(cfg: Config, fail) -> None:
@@ -602,6 +619,21 @@ def _validate_latent(cfg: Config, fail) -> None:
     for key in ("codi_distill", "codi_teacher_ce", "step_cost", "kl_weight", "verifier_weight"):
         if getattr(lat, key) < 0:
             fail(f"latent.{key}", f"latent.{key}={getattr(lat, key)} must not be negative")
+
+
+def _validate_serve(cfg: Config, fail) -> None:
+    srv = cfg.serve
+    if srv.kv_bits not in KV_BITS:
+        fail("serve.kv_bits", f"serve.kv_bits={srv.kv_bits} must be one of {KV_BITS} (16 = unquantised)")
+    if srv.awq_bits not in AWQ_BITS:
+        fail("serve.awq_bits", f"serve.awq_bits={srv.awq_bits} must be one of {AWQ_BITS}")
+    for key in ("kv_group", "snapkv_window", "awq_group", "awq_grid", "awq_calib_batches"):
+        if getattr(srv, key) <= 0:
+            fail(f"serve.{key}", f"serve.{key}={getattr(srv, key)} must be positive")
+    if not 0 < srv.snapkv_keep <= 1:
+        fail("serve.snapkv_keep", f"serve.snapkv_keep={srv.snapkv_keep} must be in (0, 1] (1 = SnapKV off)")
+    if srv.snapkv_kernel <= 0 or srv.snapkv_kernel % 2 == 0:
+        fail("serve.snapkv_kernel", f"serve.snapkv_kernel={srv.snapkv_kernel} must be a positive odd number")
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -216,7 +216,7 @@ def test_unknown_section_suggests_a_section_or_lists_them():
     assert "did you mean 'model'?" in config_error("tiny", ["modle.d_model=4"])
     message = config_error("tiny", ["zzz.d_model=4"])
     assert "unknown key 'zzz'" in message
-    assert "valid sections: model, train, losses, mesh, data, memory, latent, checkpoint, run" in message
+    assert "valid sections: model, train, losses, mesh, data, memory, latent, serve, checkpoint, run" in message
 
 
 def test_unknown_key_in_a_preset_file_names_that_file(tmp_path):
@@ -283,6 +283,11 @@ def test_negative_or_zero_budgets_and_sizes_are_rejected(override, key):
     (["model.param_dtype=int8"], "model.param_dtype"),
     (["model.remat=some"], "model.remat"),
     (["model.head_dim=33"], "head dimension 33 must be even"),  # RoPE rotates pairs
+    (["serve.kv_bits=6"], "serve.kv_bits=6 must be one of (16, 8, 4)"),
+    (["serve.awq_bits=2"], "serve.awq_bits=2 must be one of (8, 4)"),
+    (["serve.snapkv_keep=0"], "serve.snapkv_keep=0.0 must be in (0, 1]"),
+    (["serve.snapkv_kernel=4"], "serve.snapkv_kernel=4 must be a positive odd number"),
+    (["serve.kv_group=0"], "serve.kv_group=0 must be positive"),
 ])
 def test_impossible_combinations_and_bad_choices_are_named(overrides, fragment):
     message = config_error("tiny", overrides)

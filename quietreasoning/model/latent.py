@@ -72,6 +72,9 @@ class LatentReasoner(nnx.Module):
     def __init__(self, cfg: ModelConfig, projection_hidden: int = 0, *, heads: int = 0, rngs: nnx.Rngs):
         from quietreasoning.model.latent_rl import BudgetHead, VerifierHead
 
+        if cfg.workspace or cfg.router or cfg.ssm_layers:
+            raise ValueError("LatentReasoner: think blocks run on the trunk, adapters, PKM and the episodic read; "
+                             "switch off model.workspace, model.router and model.ssm_layers for latent reasoning")
         self.cfg = cfg
         self.trunk = Trunk(cfg, rngs=rngs)
         self.project = ThoughtProjection(cfg, projection_hidden, rngs=rngs)

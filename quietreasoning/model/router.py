@@ -49,8 +49,8 @@ class Router(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.compute_dtype)
-        self.widths = gate_widths(cfg)
-        n = sum(self.widths.values())
+        self.widths = tuple(gate_widths(cfg).items())  # (name, width) pairs: a module's static fields stay hashable
+        n = sum(width for _, width in self.widths)
         self.norm = RMSNorm(cfg.ws_dim, cfg.norm_eps, pdt)
         self.w_in = param(rngs, (cfg.ws_dim, cfg.router_hidden), ("ws_embed", "gates"), 1 / math.sqrt(cfg.ws_dim), pdt)
         self.b_in = named(jnp.zeros((cfg.router_hidden,), pdt), ("gates",))
@@ -62,7 +62,7 @@ class Router(nnx.Module):
         h = jax.nn.gelu(matmul(self.norm(summary), self.w_in[...], self.dtype) + self.b_in[...])
         flat = matmul(h, self.w_out[...], self.dtype) + self.b_out[...]
         logits, gates, start = {}, {}, 0
-        for name, width in self.widths.items():
+        for name, width in self.widths:
             z = flat[..., start:start + width]
             start += width
             logits[name] = z

@@ -170,6 +170,25 @@ class SSMExpert(nnx.Module):
         y, _ = selective_scan(u, dt, self._a(), b, c, starts, h0, self.scan_chunk)
         return self._out(y, u, z)
 
+    def prefill(self, x: jax.Array, lengths: jax.Array) -> tuple[jax.Array, dict]:
+        """A prompt at once before decoding: x (B, T, D) with row b's tokens at [0, lengths_b) and padding
+        after them -> (delta (B, T, D), the state `step` continues from at position lengths_b). The
+        deltas of the real tokens are what `__call__` gives them; padding gets dt = 0 (decay 1, no
+        input), so the last state of the scan is the state after each row's last real token."""
+        t = x.shape[1]
+        real = jnp.arange(t)[None, :] < lengths[:, None]
+        starts = jnp.zeros(real.shape, bool).at[:, 0].set(True)
+        xb, z = self._in_proj(x)
+        u = jax.nn.silu(self._conv(xb, starts))
+        dt, b, c = self._ssm_inputs(u)
+        dt = jnp.where(real[..., None], dt, 0.0)
+        h0 = jnp.zeros((x.shape[0], self.inner, self.n_state), jnp.float32)
+        y, h = selective_scan(u, dt, self._a(), b, c, starts, h0, self.scan_chunk)
+        back = lengths[:, None] - (self.width - 1) + jnp.arange(self.width - 1)[None, :]  # the conv's last inputs
+        conv = jnp.take_along_axis(xb, jnp.maximum(back, 0)[..., None], axis=1)
+        conv = jnp.where((back >= 0)[..., None], conv, 0.0).astype(jnp.float32)
+        return self._out(y, u, z), {"conv": conv, "ssm": h}
+
     # -- decoding: one token at a time ------------------------------------------------------
 
     def init_state(self, batch: int) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quietreasoning.config import ModelConfig
+from quietreasoning.memory import kv_cache
 from quietreasoning.memory.episodic_read import EpisodicRead, check_memory, episodic_read_param_count
 from quietreasoning.memory.pkm import ProductKeyMemory, pkm_param_count
 from quietreasoning.model.adapters import AdapterBank, adapter_param_count
@@ -51,17 +52,38 @@ def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Every layer's keys and values for up to S tokens of B rows, written left to right.
+    """What decoding carries between calls of `Trunk.extend`: every layer's keys and values for up to
+    S slots of B rows, and the state of the modules that read more than the current token.
 
-    keys, values  (n_layers, B, S, n_kv_heads, head_dim) in the compute dtype, after RoPE
-    valid         (B, S) bool: the slot holds a token the row attends to (False: padding, a
-                  skipped latent step, or not yet written)
-    length        () int32: slots written so far; the next tokens go at [length, length + T)
+    store      one layer's store (memory/kv_cache.py `init_store`: unquantised keys and values, or
+               int8/int4 codes with scales) per layer, stacked on a leading n_layers axis
+    valid      (B, S) bool: the slot holds a token the row attends to (False: padding, a skipped
+               latent step, or not yet written)
+    length     (B,) int32: slots row b has written; its next tokens go at [length_b, length_b + T)
+    ws         (B, ws_slots, ws_dim) the workspace state the row's next token reads (workspace on)
+    ws_buffer  (B, ws_chunk, D) the residual stream entering block ws_layer for the tokens of the
+               row's current chunk so far (written into `ws` when the chunk is complete)
+    ssm        per SSM expert, its decode state {"conv", "ssm"} (model/ssm.py)
     """
-    keys: jax.Array
-    values: jax.Array
+    store: dict
     valid: jax.Array
     length: jax.Array
+    ws: jax.Array | None = None
+    ws_buffer: jax.Array | None = None
+    ssm: tuple = ()
+
+
+class LayerCache(NamedTuple):
+    """One layer's part of a cached call (built by Trunk.extend): its store, where each row's new tokens
+    go ([start_b, start_b + T)) and how many slots the row holds afterwards (end), the store's
+    settings, whether the cache was empty before this call (`fresh`: the new tokens attend only to
+    each other, in full precision), and SnapKV's observation queries (B, T) (None: no votes)."""
+    store: dict
+    start: jax.Array
+    end: jax.Array
+    kv: kv_cache.KVSettings
+    fresh: bool
+    window: jax.Array | None = None
 
 
 class Attention(nnx.Module):
@@ -76,13 +98,11 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, kv * dh), ("embed", "kv"), cfg.init_std, pdt)
         self.wo = param(rngs, (h * dh, d), ("heads", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 adapter: AdapterBank | None = None, gates: jax.Array | None = None,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
-        """x (B, T, D) -> (B, T, D). With `cache` = (keys, values, start), the layer's cache (B, S, KV, Dh)
-        and where the T new tokens go: their keys and values are written at [start, start + T), the
-        queries attend over the whole cache (`mask` is then (B, 1, T, S)), and the result is
-        (output, (keys, values)) with the updated cache."""
+    def mix(self, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: AdapterBank | None = None,
+            gates: jax.Array | None = None, cache: LayerCache | None = None):
+        """The attention output before the output projection: x (B, T, D) -> (B, T, n_heads * head_dim)
+        f32 (what `wo` reads; AWQ calibrates on it). With `cache`, (output, updated store, SnapKV votes
+        (B, KV, S) or None) as in __call__."""
         b, t, _ = x.shape
         h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         q = matmul(x, self.wq[...], self.dtype)
@@ -94,11 +114,11 @@ class Attention(nnx.Module):
             v = adapter.rescale("v", v + adapter.delta("wv", x, gates), gates)
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        store = votes = None
         if cache is not None:
-            keys, values, start = cache
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
-            k, v = keys, values
+            store = kv_cache.write(cache.store, k, v, cache.start, cache.end, cache.kv)
+            if not cache.fresh:  # attend over everything the store holds (dequantised when quantised)
+                k, v = kv_cache.read(store, cache.kv, self.dtype)
         q = q.reshape(b, t, kv, h // kv, dh)  # query groups share a kv head
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(dh)
@@ -106,9 +126,22 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(self.dtype), v.astype(self.dtype),
                          preferred_element_type=jnp.float32).reshape(b, t, h * dh)
+        if cache is not None and cache.window is not None:
+            votes = kv_cache.snapkv_votes(probs, cache.window)
+        return out if cache is None else (out, store, votes)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 adapter: AdapterBank | None = None, gates: jax.Array | None = None,
+                 cache: LayerCache | None = None):
+        """x (B, T, D) -> (B, T, D). With `cache` (LayerCache), the new tokens' keys and values are
+        written to the layer's store at [start_b, start_b + T); the queries attend over the whole
+        store (`mask` (B, 1, T, S)), or, when the cache is `fresh`, over the new tokens only (`mask`
+        (B, 1, T, T)); the result is (output, updated store, SnapKV votes or None)."""
+        mixed = self.mix(x, positions, mask, adapter, gates, cache)
+        out, store, votes = mixed if cache is not None else (mixed, None, None)
         y = matmul(out, self.wo[...], self.dtype)
         y = y if adapter is None else y + adapter.delta("wo", out, gates)
-        return y if cache is None else (y, (k, v))
+        return y if cache is None else (y, store, votes)
 
 
 class SwiGLU(nnx.Module):
@@ -119,7 +152,8 @@ class SwiGLU(nnx.Module):
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
 
-    def __call__(self, x: jax.Array, adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
+    def inner(self, x: jax.Array, adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
+        """The gated inner activation (B, T, d_ff) f32: what `w_down` reads (AWQ calibrates on it)."""
         gate = matmul(x, self.w_gate[...], self.dtype)
         up = matmul(x, self.w_up[...], self.dtype)
         if adapter is not None:
@@ -127,6 +161,10 @@ class SwiGLU(nnx.Module):
         inner = jax.nn.silu(gate) * up
         if adapter is not None:  # IA3 on the inner activation (it folds into the rows of w_down)
             inner = adapter.rescale("ff", inner, gates)
+        return inner
+
+    def __call__(self, x: jax.Array, adapter: AdapterBank | None = None, gates: jax.Array | None = None) -> jax.Array:
+        inner = self.inner(x, adapter, gates)
         y = matmul(inner, self.w_down[...], self.dtype)
         return y if adapter is None else y + adapter.delta("w_down", inner, gates)
 
@@ -147,11 +185,12 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, mask, self.adapters, gates)
         return x + self.mlp(self.mlp_norm(x), self.adapters, gates)
 
-    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv) -> tuple[jax.Array, tuple]:
-        """The block over new tokens with the layer's KV cache (see Attention): (x, updated (keys, values))."""
-        y, kv = self.attn(self.attn_norm(x), positions, mask, self.adapters, None, kv)
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache,
+               gates: jax.Array | None = None) -> tuple[jax.Array, dict, jax.Array | None]:
+        """The block over new tokens with the layer's cache (see Attention): (x, updated store, votes)."""
+        y, store, votes = self.attn(self.attn_norm(x), positions, mask, self.adapters, gates, cache)
         x = x + y
-        return x + self.mlp(self.mlp_norm(x), self.adapters, None), kv
+        return x + self.mlp(self.mlp_norm(x), self.adapters, gates), store, votes
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -203,98 +242,205 @@ class Trunk(nnx.Module):
 
     def forward(self, tokens: jax.Array | None, segment_ids: jax.Array, positions: jax.Array, *,
                 embeddings: jax.Array | None = None, causal: bool = True, memory: jax.Array | None = None,
-                memory_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+                memory_mask: jax.Array | None = None, block_inputs: bool = False) -> tuple[jax.Array, dict[str, Any]]:
         """(final-norm hidden states (B, T, D) f32, aux): aux holds what the switched-on modules
         report for their losses and logs ("workspace": states and aux, "router": gates, logits, mask,
-        "pkm_slots": per PKM layer the slots its heads read, (B, T, pkm_heads, pkm_topk) int32).
+        "pkm_slots": per PKM layer the slots its heads read, (B, T, pkm_heads, pkm_topk) int32), and
+        with `block_inputs` the residual stream entering every block ("block_inputs", a list).
 
         `embeddings` (B, T, D) replace the token lookup (soft prompts, latent thoughts; `tokens` is
         then unused); `causal=False` lets every token see its whole segment (an encoder).
         `memory` (B, M, model.resolved_episodic_dim) and `memory_mask` (B, M) bool (None: all real)
         are the retrieved memory tokens the episodic read attends to; memory None means no
         retrieval for this call, and the read is skipped."""
-        cfg = self.cfg
         if memory is not None:
-            check_memory(cfg, segment_ids.shape[0], memory, memory_mask)
+            check_memory(self.cfg, segment_ids.shape[0], memory, memory_mask)
         x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(jnp.float32)
-        mask = attention_mask(segment_ids, causal)
+        run = self._run(x, positions, attention_mask(segment_ids, causal), segment_ids, mode="forward",
+                        memory=memory, memory_mask=memory_mask, capture=block_inputs)
+        if block_inputs:
+            run["aux"]["block_inputs"] = run["inputs"]
+        return self.final_norm(run["x"]), run["aux"]
+
+    def _run(self, x: jax.Array, positions: jax.Array, mask: jax.Array, segment_ids: jax.Array, *, mode: str,
+             memory=None, memory_mask=None, caches: list[LayerCache] | None = None, carry: KVCache | None = None,
+             lengths: jax.Array | None = None, capture: bool = False) -> dict[str, Any]:
+        """The blocks and the modules around them, for every path (the modules only differ in `mode`):
+          "forward"  whole sequences, no cache (Trunk.forward)
+          "prefill"  a fresh cache: as forward over rows holding tokens at [0, lengths_b) and padding
+                     after them; also returns the modules' decode state after each row's last token
+          "step"     new tokens after the cache `carry`; with the workspace or SSM experts on, one token
+                     per row, read from and written to the carried state
+        `caches` gives each layer its LayerCache (prefill and step). Returns a dict: "x" (before the
+        final norm), "aux", "stores" and "votes" per layer, "state" (the modules' decode state),
+        "stream" (after every block) and, with `capture`, "inputs" (entering every block)."""
+        cfg = self.cfg
         reads = {layer: j for j, layer in enumerate(cfg.ws_read_layers)}
         experts = {layer: j for j, layer in enumerate(cfg.ssm_layers)}
         memories = {layer: j for j, layer in enumerate(cfg.pkm_layers)}
-        aux: dict[str, Any] = {}
+        out: dict[str, Any] = {"aux": {}, "stores": [], "votes": [], "state": {}, "stream": [], "inputs": []}
+        aux, state = out["aux"], out["state"]
         states = adapter_gates = ssm_gates = pkm_gates = episodic_gates = None
         for i, block in enumerate(self.blocks):
             if self.workspace is not None:
                 if i == cfg.ws_layer:
-                    states, ws_aux = self.workspace.write(x, segment_ids)
-                    aux["workspace"] = {"states": states, "aux": ws_aux}
+                    if mode == "step":
+                        states = carry.ws[:, None]  # (B, 1, S, W): the state the new token reads
+                        state.update(self._workspace_step(x, positions, carry))
+                    else:
+                        states, ws_aux = self.workspace.write(x, segment_ids)
+                        aux["workspace"] = {"states": states, "aux": ws_aux}
+                        if mode == "prefill":
+                            state.update(self._workspace_carry(x, states, ws_aux, lengths))
                     if self.router is not None:
                         gates, logits = self.router(self.workspace.summary(states))
-                        aux["router"] = {"gates": gates, "logits": logits, "mask": ws_aux["ws_chunk_mask"]}
-                        per_token = {k: jnp.repeat(g, cfg.ws_chunk, axis=1) for k, g in gates.items()}
+                        if mode != "step":
+                            aux["router"] = {"gates": gates, "logits": logits, "mask": ws_aux["ws_chunk_mask"]}
+                        per_chunk = x.shape[1] // states.shape[1]
+                        per_token = {k: jnp.repeat(g, per_chunk, axis=1) for k, g in gates.items()}
                         adapter_gates = per_token["adapters"] if cfg.adapters else None
                         ssm_gates, pkm_gates = per_token["ssm"], per_token["pkm"]
                         episodic_gates = per_token["episodic"]
                 if i in reads:
-                    x = x + self.workspace.read(reads[i], x, states, segment_ids)
+                    x = x + self.workspace.read(reads[i], x, states, None if mode == "step" else segment_ids)
             if memory is not None and i == cfg.episodic_layer:
                 delta = self.episodic(x, memory, memory_mask)
                 x = x + (delta if episodic_gates is None else episodic_gates * delta)
-            x = self._block_fn(block, x, positions, mask, adapter_gates)
+            if capture:
+                out["inputs"].append(x)
+            if caches is None:
+                x = self._block_fn(block, x, positions, mask, adapter_gates)
+            else:
+                x, store, votes = block.cached(x, positions, mask, caches[i], adapter_gates)
+                out["stores"].append(store)
+                out["votes"].append(votes)
             if i in experts:
-                j = experts[i]
-                delta = self.ssm[j](x, segment_ids)
+                j, expert = experts[i], self.ssm[experts[i]]
+                if mode == "step":
+                    delta, expert_state = expert.step(x[:, 0], carry.ssm[j])
+                    delta = delta[:, None]
+                elif mode == "prefill":
+                    delta, expert_state = expert.prefill(x, lengths)
+                else:
+                    delta = expert(x, segment_ids)
+                if mode != "forward":
+                    state.setdefault("ssm", []).append(expert_state)
                 x = x + (delta if ssm_gates is None else ssm_gates[..., j:j + 1] * delta)
             if i in memories:
                 delta, slots = self.pkm[memories[i]](x)
                 aux.setdefault("pkm_slots", []).append(slots)
                 x = x + (delta if pkm_gates is None else pkm_gates * delta)
-        return self.final_norm(x), aux
+            out["stream"].append(x)
+        out["x"] = x
+        return out
 
-    def empty_cache(self, batch: int, size: int) -> KVCache:
-        """A KV cache with room for `size` tokens per row (see KVCache)."""
+    def _workspace_step(self, x: jax.Array, positions: jax.Array, carry: KVCache) -> dict[str, jax.Array]:
+        """One token per row into the workspace's current chunk (x (B, 1, D) entering block ws_layer at
+        positions (B, 1)); a row whose token completes its chunk writes the chunk into its state."""
+        chunk, rows = self.cfg.ws_chunk, x.shape[0]
+        slot = positions[:, 0] % chunk
+        buffer = carry.ws_buffer.at[jnp.arange(rows), slot].set(x[:, 0])
+        written = self.workspace.update(carry.ws, buffer, jnp.ones((rows, chunk), bool))
+        ws = jnp.where((slot == chunk - 1)[:, None, None], written, carry.ws)
+        return {"ws": ws, "ws_buffer": buffer}
+
+    def _workspace_carry(self, x: jax.Array, states: jax.Array, ws_aux: dict, lengths: jax.Array) -> dict[str, jax.Array]:
+        """After a prefill: the state the token at position lengths_b reads (chunk lengths_b // ws_chunk)
+        and that chunk's tokens so far (x (B, T, D) entering block ws_layer)."""
+        chunk = self.cfg.ws_chunk
+        b, t, d = x.shape
+        every = jnp.concatenate([states, ws_aux["ws_next_target"][:, -1:]], axis=1)  # (B, C + 1, S, W)
+        current = lengths // chunk
+        ws = jnp.take_along_axis(every, current[:, None, None, None], axis=1)[:, 0]
+        chunks = x.reshape(b, t // chunk, chunk, d)
+        buffer = jnp.take_along_axis(chunks, jnp.minimum(current, t // chunk - 1)[:, None, None, None], axis=1)[:, 0]
+        return {"ws": ws, "ws_buffer": buffer}
+
+    def empty_cache(self, batch: int, size: int, kv: kv_cache.KVSettings | None = None) -> KVCache:
+        """A cache with room for `size` tokens per row (see KVCache), stored as `kv` says (None:
+        unquantised), with the modules' initial decode state."""
         cfg = self.cfg
-        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.resolved_head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((batch, size), bool),
-                       jnp.zeros((), jnp.int32))
+        kv = kv or kv_cache.KVSettings()
+        one = kv_cache.init_store(batch, size, cfg.n_kv_heads, cfg.resolved_head_dim, self.dtype, kv)
+        store = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.n_layers, *a.shape)), one)
+        slots = (one["k"] if "k" in one else one["k_codes"]).shape[1]  # size rounded up to whole key groups
+        ws = ws_buffer = None
+        if self.workspace is not None:
+            ws = jnp.broadcast_to(self.workspace.slots_init[...].astype(jnp.float32), (batch, cfg.ws_slots, cfg.ws_dim))
+            ws_buffer = jnp.zeros((batch, cfg.ws_chunk, cfg.d_model), jnp.float32)
+        return KVCache(store, jnp.zeros((batch, slots), bool), jnp.zeros((batch,), jnp.int32), ws, ws_buffer,
+                       tuple(expert.init_state(batch) for expert in self.ssm))
 
-    def extend(self, embeddings: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache,
-               *, layers: bool = False) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
+    def extend(self, embeddings: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache, *,
+               kv: kv_cache.KVSettings | None = None, fresh: bool = False, end: jax.Array | None = None,
+               window: jax.Array | None = None, memory: jax.Array | None = None, memory_mask: jax.Array | None = None,
+               layers: bool = False):
         """Runs T new inputs after what `cache` holds: embeddings (B, T, D) (embed_tokens of token ids,
-        or latent thoughts), positions (B, T), valid (B, T) (False: padding, seen by no one). Token i
-        of row b sees the row's valid cache slots and valid new tokens up to itself. Returns
-        (final-norm hidden states (B, T, D) f32, the cache with the new tokens written), and with
-        `layers` also the residual stream after every block (n_layers, B, T, D).
+        or latent thoughts), positions (B, T), valid (B, T) (False: padding, seen by no one). Row b's
+        tokens go to slots [length_b, length_b + T); token i sees the row's valid slots and valid new
+        tokens up to itself. Returns (final-norm hidden states (B, T, D) f32, the updated cache), then
+        with `layers` the residual stream after every block (n_layers, B, T, D), with `window` SnapKV's
+        votes (n_layers, B, n_kv_heads, T).
+
+        kv      how the cache's store is kept (the settings it was made with; None: unquantised)
+        fresh   the cache is empty: the T tokens attend to each other in full precision (a prefill).
+                With the workspace or SSM experts on, a fresh prefill expects each row's tokens at
+                [0, end_b) and padding after them (right padding), T a multiple of model.ws_chunk
+        end     (B,) slots each row holds after the call (default length + T): a right-padded prefill
+                passes the prompt lengths, so the next token overwrites the first padding slot
+        window  (B, T) bool, the prefill's SnapKV observation queries (memory/kv_cache.py)
+        memory, memory_mask  the episodic read's memory tokens, as in `forward`
 
         A prefill plus one-token steps give what `forward` gives on the whole sequence (up to float
-        rounding). The cached path runs the trunk, the adapters (their uniform mixture) and PKM;
-        the workspace, router and SSM experts read whole chunks or carry a scan state, so a model
-        with them on runs its think blocks through `forward` instead."""
+        rounding and the store's quantisation), with every module on. With the workspace or SSM on,
+        a T > 1 call on a non-empty cache runs its tokens one at a time."""
         cfg = self.cfg
-        if cfg.workspace or cfg.router or cfg.ssm_layers:
-            raise ValueError("Trunk.extend: the KV cache serves the trunk, adapters and PKM; switch off "
-                             "model.workspace, model.router and model.ssm_layers for cached decoding and latent "
-                             "training, or run the sequence through Trunk.forward")
-        t = embeddings.shape[1]
+        kv = kv or kv_cache.KVSettings()
+        rows, t = valid.shape
+        if memory is not None:
+            check_memory(cfg, rows, memory, memory_mask)
+        tokenwise = self.workspace is not None or len(self.ssm) > 0
+        if tokenwise and t > 1 and not fresh:
+            if layers or window is not None or end is not None:
+                raise ValueError("Trunk.extend: with model.workspace or model.ssm_layers on, a multi-token call after "
+                                 "the prefill runs token by token and takes no layers/window/end; pass one token")
+            return self._extend_tokenwise(embeddings, positions, valid, cache, kv, memory, memory_mask)
         start = cache.length
-        cache_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
-        slots = jnp.arange(cache.valid.shape[1])
-        causal = slots[None, :] <= start + jnp.arange(t)[:, None]  # (T, S)
-        mask = (causal[None] & cache_valid[:, None, :])[:, None]  # (B, 1, T, S)
-        memories = {layer: j for j, layer in enumerate(cfg.pkm_layers)}
-        x = embeddings.astype(jnp.float32)
-        keys, values, stream = [], [], []
-        for i, block in enumerate(self.blocks):
-            x, (k, v) = block.cached(x, positions, mask, (cache.keys[i], cache.values[i], start))
-            keys.append(k)
-            values.append(v)
-            if i in memories:
-                x = x + self.pkm[memories[i]](x)[0]
-            stream.append(x)
-        cache = KVCache(jnp.stack(keys), jnp.stack(values), cache_valid, start + t)
+        end = start + t if end is None else end
+        cache_valid = jax.vmap(lambda a, new, s: jax.lax.dynamic_update_slice_in_dim(a, new, s, axis=0))(
+            cache.valid, valid, start)
+        if fresh:
+            mask = attention_mask(valid.astype(jnp.int32))
+        else:
+            slots = jnp.arange(cache.valid.shape[1])
+            last = start[:, None] + jnp.arange(t)[None, :]  # (B, T): the newest slot each token may see
+            mask = ((slots[None, None, :] <= last[..., None]) & cache_valid[:, None, :])[:, None]
+        caches = [LayerCache(jax.tree.map(lambda a, i=i: a[i], cache.store), start, end, kv, fresh, window)
+                  for i in range(cfg.n_layers)]
+        run = self._run(embeddings.astype(jnp.float32), positions, mask, valid.astype(jnp.int32),
+                        mode="prefill" if fresh else "step", memory=memory, memory_mask=memory_mask, caches=caches,
+                        carry=cache, lengths=end)
+        state = run["state"]
+        new = KVCache(jax.tree.map(lambda *a: jnp.stack(a), *run["stores"]), cache_valid, end,
+                      state.get("ws", cache.ws), state.get("ws_buffer", cache.ws_buffer),
+                      tuple(state.get("ssm", cache.ssm)))
+        result = (self.final_norm(run["x"]), new)
         if layers:
-            return self.final_norm(x), cache, jnp.stack(stream)
-        return self.final_norm(x), cache
+            result += (jnp.stack(run["stream"]),)
+        if window is not None:
+            result += (jnp.stack(run["votes"]),)
+        return result
+
+    def _extend_tokenwise(self, embeddings, positions, valid, cache, kv, memory, memory_mask):
+        """A T > 1 call after the prefill with the workspace or SSM experts on: one `extend` per token."""
+        def one(carry, xs):
+            e, p, v = xs
+            h, carry = self.extend(e[:, None], p[:, None], v[:, None], carry, kv=kv, memory=memory,
+                                   memory_mask=memory_mask)
+            return carry, h[:, 0]
+
+        cache, hs = jax.lax.scan(one, cache, (jnp.moveaxis(embeddings, 1, 0), positions.T, valid.T))
+        return jnp.moveaxis(hs, 0, 1), cache
 
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """Final-norm hidden states (B, T, D) in float32."""

@@ -203,6 +203,19 @@ class Workspace(nnx.Module):
         steps = jnp.sum(w * jnp.arange(1, self.max_steps + 1, dtype=jnp.float32), axis=-1)
         return mixed, steps, jnp.sum(w * jnp.stack(l1s, axis=-1), axis=-1)
 
+    def update(self, state: jax.Array, h: jax.Array, writes: jax.Array) -> jax.Array:
+        """One chunk's write outside the scan (decoding): state (B, S, W) the chunk read, h (B, ws_chunk, D)
+        its hidden states entering block ws_layer, writes (B, ws_chunk) bool -> the state the next chunk
+        reads (what `write` computes for the same chunk)."""
+        b, l, _ = h.shape
+        x = self.token_norm(h)
+        k = matmul(x, self.w_k[...], self.dtype).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
+        v = matmul(x, self.w_v[...], self.dtype).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = jnp.where(writes[:, None, :, None], k, 0.0)
+        v = jnp.where(writes[:, None, :, None], v, 0.0)
+        new = self._chunk(state, k, v, writes)[0]
+        return jnp.where(jnp.any(writes, axis=-1)[:, None, None], new, state)
+
     def write(self, h: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """h (B, T, D) float32 -> (states (B, C, S, W): the state each chunk reads, aux arrays for
         the losses and metrics, listed in the module docstring)."""
