@@ -155,3 +155,19 @@ def test_the_streaming_hook_sees_every_new_token_in_order(setup):
                            on_token=lambda step, picked, live: seen.append((step, picked[:2].tolist())))
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert [[p[r] for _, p in seen] for r in range(2)] == out.new
+
+
+def test_decoding_a_model_sharded_over_the_mesh_gives_the_single_device_tokens():
+    from quietreasoning.training import sharding
+
+    cfg = micro_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.compute_dtype=float32")
+    model = Trunk(cfg.model, rngs=nnx.Rngs(5))
+    prompts = [[1, 5, 9, 33, 7, 101, 64], [1, 200], [3, 4]]
+    single = inference.generate(model, prompts, max_new_tokens=5, eos_id=None, kv=KVSettings(bits=8, group=8))
+    mesh = sharding.make_mesh(cfg)
+    state = nnx.state(model)
+    with jax.set_mesh(mesh):
+        nnx.update(model, jax.device_put(state, sharding.shardings(mesh, state)))
+        assert len(model.embed[...].sharding.device_set) == 8
+        assert inference.generate(model, prompts, max_new_tokens=5, eos_id=None,
+                                  kv=KVSettings(bits=8, group=8)) == single
