@@ -132,6 +132,7 @@ class LossesConfig:
     router_entropy: float
     router_entropy_floor: float
     rationale: float
+    router_retrieval: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +241,28 @@ class ServeConfig:
     awq_calib_batches: int
 
 
+STAGES = ("warmstart_dense_ws", "pkm_adapters", "ssm_light", "latent_distill", "retrieval_supervision",
+          "compress_serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagesConfig:
+    run: tuple[str, ...]                    # the stages run.py runs, a subsequence of STAGES
+    tokens: tuple[float, ...]               # token budget of each of STAGES, in order (compress_serve: 0)
+    # per stage: overrides (section.key=value) it adds to the ones of the stages before it
+    warmstart_dense_ws: tuple[str, ...]
+    pkm_adapters: tuple[str, ...]
+    ssm_light: tuple[str, ...]
+    latent_distill: tuple[str, ...]
+    retrieval_supervision: tuple[str, ...]
+    compress_serve: tuple[str, ...]
+    pkm_temperature_end: float              # pkm_adapters anneals model.pkm_temperature to this
+    anneal_segments: int                    # constant-temperature pieces of that anneal
+    latent_task: str                        # reasoning task (data/tasks.py) latent_distill trains on
+    retrieval_threshold: float              # s_pop below which the router should read the episodic store
+    eval_examples: int                      # held-out questions per evaluation after the stages
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     dir: str  # "" = <run.out_dir>/checkpoints
@@ -265,6 +288,7 @@ class Config:
     memory: MemoryConfig
     latent: LatentConfig
     serve: ServeConfig
+    stages: StagesConfig
     checkpoint: CheckpointConfig
     run: RunConfig
 
@@ -468,6 +492,7 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
     _validate_memory(cfg, fail)
     _validate_latent(cfg, fail)
     _validate_serve(cfg, fail)
+    _validate_stages(cfg, fail)
 
 
 def _validate_modules(cfg: Config, fail) -> None:
@@ -634,6 +659,33 @@ def _validate_serve(cfg: Config, fail) -> None:
         fail("serve.snapkv_keep", f"serve.snapkv_keep={srv.snapkv_keep} must be in (0, 1] (1 = SnapKV off)")
     if srv.snapkv_kernel <= 0 or srv.snapkv_kernel % 2 == 0:
         fail("serve.snapkv_kernel", f"serve.snapkv_kernel={srv.snapkv_kernel} must be a positive odd number")
+
+
+def _validate_stages(cfg: Config, fail) -> None:
+    st = cfg.stages
+    unknown = [name for name in st.run if name not in STAGES]
+    if unknown:
+        fail("stages.run", f"stages.run: unknown stage '{unknown[0]}'; the stages are {', '.join(STAGES)}")
+    if list(st.run) != [name for name in STAGES if name in st.run]:
+        fail("stages.run", f"stages.run={list(st.run)} must keep the plan's order ({', '.join(STAGES)}), "
+                           "each stage once")
+    if len(st.tokens) != len(STAGES) or any(x < 0 for x in st.tokens):
+        fail("stages.tokens", f"stages.tokens needs {len(STAGES)} budgets >= 0, one per stage in order "
+                              f"({', '.join(STAGES)}), got {list(st.tokens)}")
+    for name in STAGES:
+        for item in getattr(st, name):
+            key, sep, _ = item.partition("=")
+            section, _, field = key.partition(".")
+            fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else set()
+            if not sep or section in ("stages", "run", "checkpoint") or field not in fields:
+                fail(f"stages.{name}", f"stages.{name}: '{item}' is not an override of a model, train, losses, "
+                                       "data, memory, latent or serve key (section.key=value)")
+    if st.anneal_segments <= 0 or st.pkm_temperature_end <= 0:
+        fail(("stages.anneal_segments", "stages.pkm_temperature_end"),
+             "stages.anneal_segments and stages.pkm_temperature_end must be positive")
+    if st.retrieval_threshold < 0 or st.eval_examples <= 0:
+        fail(("stages.retrieval_threshold", "stages.eval_examples"),
+             "stages.retrieval_threshold must be >= 0 and stages.eval_examples positive")
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

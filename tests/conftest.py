@@ -28,8 +28,15 @@ def run_cli(tmp_path):
     """Runs a repo CLI (`train.py`, `run.py`) in a subprocess; returns the CompletedProcess."""
     import subprocess
 
-    def run(script: str, *args: str, timeout: int = 300):
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        return subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+    def run(script: str, *args: str, timeout: int = 300, devices: int | None = None, background: bool = False):
+        """`devices` fakes that many CPU devices in the child (default: the suite's 8); `background`
+        returns the running Popen (output discarded) instead of waiting."""
+        env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+        if devices is not None:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        command = [sys.executable, str(REPO / script), *args]
+        if background:
+            return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     return run

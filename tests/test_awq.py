@@ -1,6 +1,8 @@
 """Weight quantisation (serve/awq.py): codes round-trip within half a step, int4 packing is exact,
 folding AWQ's scales leaves the float model unchanged, AWQ beats round-to-nearest on held-out
-activations with a few large channels, and adapters are merged before quantisation.
+activations with a few large channels, and adapters are merged before quantisation unless the router
+gates them: then they stay unmerged and float, AWQ's scales fold into their LoRA factors exactly, and
+the served model (adapters and router on) stays close to the float one.
 
 Models are built abstractly and filled with numpy parameters (eager initialisation would compile a
 random sampler per shape, which dominates tests this small).
@@ -20,6 +22,13 @@ from quietreasoning.model.trunk import attention_mask
 from quietreasoning.serve import awq
 
 F32 = "model.compute_dtype=float32"
+PKM = ["model.pkm_layers=[1]", "model.pkm_slots=64", "model.pkm_topk=4", "model.pkm_key_dim=16",
+       "model.pkm_value_dim=16", "model.pkm_heads=2"]
+# the exported model of the stage plan, micro: workspace, a router gating two adapters (LoRA + IA3), PKM;
+# chunks of 8 tokens, so each sequence gets 4 chunks and the router's gates differ between them
+ROUTED = [F32, "model.adapters=[general,math]", "model.workspace=true", "model.router=true", "model.ws_layer=1",
+          "model.ws_read_layers=[1]", "model.ws_chunk=8", *PKM, "serve.awq_group=32", "serve.awq_grid=4",
+          "serve.awq_calib_batches=1"]
 
 
 def _names(path) -> list:
@@ -28,7 +37,8 @@ def _names(path) -> list:
 
 def _filled(cfg, seed=0, outliers=True):
     """A trunk of `cfg.model` with random weights; with `outliers`, each RMSNorm has a few channels
-    ten times larger, as trained models do (so activation-aware scales matter)."""
+    ten times larger, as trained models do (so activation-aware scales matter). A router's weights
+    are large enough that its gates differ clearly between chunks."""
     model = awq.empty_trunk(cfg.model)
     rng = np.random.default_rng(seed)
 
@@ -42,6 +52,8 @@ def _filled(cfg, seed=0, outliers=True):
         if "ia3" in names:
             return jnp.asarray(rng.normal(1.0, 0.2, x.shape), jnp.float32)
         std = 1.0 if names[-1] == "embed" else 0.05 if names[-1] == "b" else 0.02
+        if names[-2:] == ["router", "w_out"]:  # large enough that the gates differ clearly between chunks
+            std = 0.5
         return jnp.asarray(rng.normal(0.0, std, x.shape), jnp.float32)
 
     nnx.update(model, jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
@@ -62,6 +74,14 @@ def _gated_logits(graphdef, state, tokens, segment_ids, positions, gates):
     for block in model.blocks:
         x = block(x, positions, attention_mask(segment_ids), gates)
     return model.logits(model.final_norm(x))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _routed(graphdef, state, tokens, segment_ids, positions):
+    """(logits, the router's adapter gates (B, C, n_adapters))."""
+    model = nnx.merge(graphdef, state)
+    h, aux = model.forward(tokens, segment_ids, positions)
+    return model.logits(h), aux["router"]["gates"]["adapters"]
 
 
 def _logits(model, batch):
@@ -171,11 +191,71 @@ def test_adapters_merged_before_quantisation_give_the_unmerged_output_with_that_
 
     tree, report = awq.quantize_model(model, cfg, None, 8, method="rtn", adapter="math")
     assert "adapters" not in tree["blocks"][0]
-    assert report["adapters"] == {"names": ["general", "math"], "select": "math"}
+    assert report["adapters"] == {"names": ["general", "math"], "merged": True, "select": "math"}
     served = awq.empty_trunk(bare.model)
     awq.dequantize_into(served, tree)
     np.testing.assert_allclose(_logits(served, batch), math, atol=0.05 * np.abs(math).mean())
-    routed = micro_config(F32, "model.adapters=[general,math]", "model.workspace=true", "model.router=true",
-                          "model.ws_layer=1", "model.ws_read_layers=[1]")
-    with pytest.raises(ConfigError, match="model.router"):
-        awq.merged_params(awq.empty_trunk(routed.model), routed)
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """(cfg, the routed model (ROUTED) with outlier channels, one calibration batch)."""
+    cfg = micro_config(*ROUTED)
+    model = _filled(cfg, seed=2)
+    batches = awq.calibration_batches(cfg)
+    return cfg, model, batches
+
+
+def _inputs(batch):
+    return tuple(jnp.asarray(batch[k]) for k in ("inputs", "segment_ids", "positions"))
+
+
+def test_with_the_router_on_the_adapters_stay_unmerged_and_folding_the_scales_into_lora_is_exact(routed):
+    cfg, model, batches = routed
+    assert awq.serving_config(cfg) == cfg  # the served model keeps the adapters and the router
+    logits, gates = (np.asarray(a) for a in _routed(*nnx.split(model), *_inputs(batches[0])))
+    assert gates.shape[1] == 4 and gates.std(axis=(0, 1)).max() > 0.03  # the mixture changes per chunk
+    params = awq.merged_params(model, cfg)
+    assert set(params["blocks"][0]["adapters"]) == {"lora", "ia3"}
+    with pytest.raises(ConfigError, match="adapter='math'.*unmerged"):
+        awq.merged_params(model, cfg, "math")
+
+    acts = awq.calibrate(model, batches, search_tokens=256)
+    folded, report = awq.awq_fold(params, acts, cfg.model, 4, 32, cfg.serve.awq_grid)
+    assert any(r["alpha"] > 0 for r in report)
+    lora, before = folded["blocks"][1]["adapters"]["lora"], params["blocks"][1]["adapters"]["lora"]
+    for target, factor in (("wq", "a"), ("wo", "a"), ("w_down", "a"), ("wv", "b"), ("w_up", "b")):
+        assert not np.allclose(lora[target][factor], before[target][factor]), (target, factor)
+    np.testing.assert_array_equal(folded["blocks"][1]["adapters"]["ia3"]["ff"],  # IA3 commutes with the folds
+                                  params["blocks"][1]["adapters"]["ia3"]["ff"])
+    scaled = awq.empty_trunk(cfg.model)
+    nnx.update(scaled, folded)
+    np.testing.assert_allclose(_logits(scaled, batches[0]), logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_routed_model_quantises_its_matmuls_keeps_its_adapters_float_and_serves_close_to_float(routed):
+    cfg, model, batches = routed
+    graphdef, state = nnx.split(model)
+    expected = np.asarray(_routed(graphdef, state, *_inputs(batches[0]))[0])
+    # what serving a fixed mixture would cost instead: the router's adapter logits (its last outputs) at 0
+    n, uniform = len(cfg.model.adapters), nnx.to_pure_dict(state)  # (split copied the model's state)
+    uniform["router"]["w_out"] = uniform["router"]["w_out"].at[:, -n:].set(0.0)
+    uniform["router"]["b_out"] = uniform["router"]["b_out"].at[-n:].set(0.0)
+    nnx.replace_by_pure_dict(state, uniform)
+    ignored = np.mean(np.abs(np.asarray(_routed(graphdef, state, *_inputs(batches[0]))[0]) - expected))
+    params = awq.merged_params(model, cfg)
+    bank_bytes = awq.weight_bytes([b["adapters"] for b in params["blocks"].values()])
+    for method in ("rtn", "awq"):
+        tree, report = awq.quantize_model(model, cfg, batches, 8, method=method, search_tokens=256)
+        assert report["adapters"] == {"names": ["general", "math"], "merged": False, "bytes": bank_bytes}
+        block = tree["blocks"][1]
+        assert all(isinstance(block[part][k], awq.QuantizedWeight) for part, k in (("attn", "wq"), ("mlp", "w_down")))
+        bank = jax.tree.leaves(block["adapters"])  # a quantised leaf would flatten to its uint8 codes
+        assert bank and all(x.dtype == jnp.float32 for x in bank)  # float, as the model holds it
+        if method == "rtn":  # no scales folded: the bank is the model's own
+            jax.tree.map(np.testing.assert_array_equal, block["adapters"], params["blocks"][1]["adapters"])
+        assert report["quantized_bytes"] - report["matmul_quantized_bytes"] > bank_bytes  # counted in float
+        served = awq.empty_trunk(awq.serving_config(cfg).model)
+        awq.dequantize_into(served, tree)
+        error = np.mean(np.abs(_logits(served, batches[0]) - expected))
+        assert error < 0.01 * np.mean(np.abs(expected)) and error < 0.2 * ignored, (method, error, ignored)

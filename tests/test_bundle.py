@@ -1,7 +1,8 @@
 """The serving bundle (serve/bundle.py): export -> load gives exactly the model that dequantising in
 memory gives (PKM int8 rows and the tokenizer included; a LatentReasoner keeps its projection and
-heads), int4 < int8 < float on disk, and directories that are not complete bundles fail with one
-clear line.
+heads), int4 < int8 < float on disk, a model whose router gates its adapters comes back with the
+adapters unmerged and the router, and directories that are not complete bundles fail with one clear
+line.
 """
 
 import functools
@@ -152,3 +153,43 @@ def test_a_latent_reasoner_bundle_keeps_its_projection_and_heads_and_quantises_i
     with pytest.raises(ConfigError, match="shapes"):  # built with another projection width than the config says
         export_bundle(build(24), cfg, None, tmp_path / "other", bits=8, calib_batches=None, method="rtn")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_routed_model_keeps_its_adapters_unmerged_and_loads_back_with_them_and_its_router(tmp_path):
+    """The stage plan's exported model (workspace, router, adapters, PKM, episodic read), micro: the
+    router gates the adapters per token, so the bundle keeps the bank in float and the served Trunk
+    has the adapters and the router, computing the float model's logits up to the weights' rounding."""
+    cfg = micro_config(f"model.vocab_size={VOCAB}", *PKM, "model.adapters=[general,math]", "model.workspace=true",
+                       "model.router=true", "model.ws_layer=1", "model.ws_read_layers=[1]", "model.ws_chunk=8",
+                       "model.episodic=true", "model.episodic_layer=1",
+                       "serve.awq_group=32", "serve.awq_grid=4", "serve.awq_calib_batches=1")
+    model = _random_fill(awq.empty_trunk(cfg.model), 2)
+    batches = awq.calibration_batches(cfg)
+    expected = _logits(model, batches[0])
+
+    def params(m, part=lambda m: m):
+        return nnx.to_pure_dict(nnx.state(part(m), nnx.Param))
+
+    def bank(m):
+        return [params(block.adapters) for block in m.blocks]
+
+    for method, bits in (("awq", 8), ("rtn", 8), ("float", None)):
+        manifest = export_bundle(model, cfg, None, tmp_path / method, bits=bits, method=method,
+                                 calib_batches=batches if method == "awq" else None)
+        assert manifest["adapters"] == {"names": ["general", "math"], "merged": False,
+                                        "bytes": awq.weight_bytes(bank(model))}
+        served = load_bundle(tmp_path / method)
+        assert served.cfg.model == cfg.model and served.model.router is not None
+        assert all(block.adapters.names == ("general", "math") for block in served.model.blocks)
+        if method == "float":  # the float bundle is the model itself (so are its logits)
+            jax.tree.map(np.testing.assert_array_equal, params(served.model), params(model))
+            continue
+        if method == "rtn":  # no scales to fold: the bank comes back as it was, unrounded
+            jax.tree.map(np.testing.assert_array_equal, bank(served.model), bank(model))
+        else:  # AWQ's scales are folded into the LoRA factors: rescaled, still float
+            assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bank(served.model)))
+        loaded = _logits(served.model, batches[0])
+        assert 0 < np.abs(loaded - expected).mean() < 0.02 * np.abs(expected).mean(), method
+    with pytest.raises(ConfigError, match="unmerged"):  # a routed model's adapters cannot be fixed to one
+        export_bundle(model, cfg, None, tmp_path / "math", bits=8, calib_batches=None, method="rtn", adapter="math")
+    assert not (tmp_path / "math").exists()

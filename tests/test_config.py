@@ -216,7 +216,7 @@ def test_unknown_section_suggests_a_section_or_lists_them():
     assert "did you mean 'model'?" in config_error("tiny", ["modle.d_model=4"])
     message = config_error("tiny", ["zzz.d_model=4"])
     assert "unknown key 'zzz'" in message
-    assert "valid sections: model, train, losses, mesh, data, memory, latent, serve, checkpoint, run" in message
+    assert "valid sections: model, train, losses, mesh, data, memory, latent, serve, stages, checkpoint, run" in message
 
 
 def test_unknown_key_in_a_preset_file_names_that_file(tmp_path):

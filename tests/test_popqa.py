@@ -120,7 +120,7 @@ def test_a_missing_field_is_one_error_naming_the_file_line_and_field(tmp_path):
         PopQAEvaluator(path)
     with pytest.raises(PopQAError, match=r"records\[0\]: field 'possible_answers' must be a list of strings"):
         PopQAEvaluator([{**REAL, "possible_answers": "politician"}])
-    with pytest.raises(PopQAError, match="missing.jsonl: PopQA file not found"):
+    with pytest.raises(PopQAError, match="missing.jsonl: file not found; give a jsonl file"):
         PopQAEvaluator(tmp_path / "missing.jsonl")
 
 

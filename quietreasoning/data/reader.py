@@ -14,6 +14,7 @@ into that document): restoring it yields exactly the batches an uninterrupted ru
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -231,7 +232,8 @@ class ShardReader:
 
 
 def _parse(serialized):
-    tf = _tf()
+    # traced by tf.data: take the module already imported (_tf() would trace its environment setup)
+    tf = sys.modules["tensorflow"]
     spec = {"tokens": tf.io.RaggedFeature(tf.int64), "roles": tf.io.RaggedFeature(tf.int64)}
     parsed = tf.io.parse_example(serialized, spec)
     return (parsed["tokens"].flat_values, parsed["tokens"].row_lengths(),

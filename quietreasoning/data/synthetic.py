@@ -25,9 +25,17 @@ class SyntheticLanguage:
         self.cum = np.cumsum(probs, axis=1)
         self.probs = probs
 
-    def rows(self, index: int, batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed rows of `length` tokens: (tokens, segment_ids >= 1, positions), all (batch, length)."""
+    def rows(self, index: int, batch: int, length: int, only: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Packed rows of `length` tokens: (tokens, segment_ids >= 1, positions), all (batch, length).
+        `only` (row indices) builds just those rows of the same batch, (len(only), length): the
+        random draws are made for the whole batch, so a row never depends on which others are built."""
         rng = np.random.default_rng([self.seed, index])
+        doc_lengths = rng.integers(max(2, length // 4), 2 * length, size=(batch, length))
+        u = rng.random((batch, length))
+        if only is not None:
+            doc_lengths, u = doc_lengths[only], u[only]
+            batch = len(doc_lengths)
         tokens = np.empty((batch, length), np.int32)
         segs = np.empty((batch, length), np.int32)
         pos = np.empty((batch, length), np.int32)
@@ -35,8 +43,6 @@ class SyntheticLanguage:
         seg = np.zeros(batch, np.int32)
         p = np.zeros(batch, np.int32)
         prev = np.full(batch, BOS)
-        doc_lengths = rng.integers(max(2, length // 4), 2 * length, size=(batch, length))
-        u = rng.random((batch, length))
         for t in range(length):
             new = remaining == 0
             remaining = np.where(new, doc_lengths[:, t], remaining) - 1
@@ -49,10 +55,12 @@ class SyntheticLanguage:
             prev = tok
         return tokens, segs, pos
 
-    def batch(self, index: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    def batch(self, index: int, batch: int, seq_len: int, only: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Training batch `index`: inputs, targets, segment_ids, positions, loss_mask, answer_mask
-        (none: the synthetic language has no answers), each (batch, seq_len)."""
-        tokens, segs, pos = self.rows(index, batch, seq_len + 1)
+        (none: the synthetic language has no answers), each (batch, seq_len); with `only`, just
+        those rows of it (what one host of a multi-host run feeds)."""
+        tokens, segs, pos = self.rows(index, batch, seq_len + 1, only)
+        batch = len(tokens)
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],

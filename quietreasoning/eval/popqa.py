@@ -135,23 +135,9 @@ def check_record(record, where: str) -> dict:
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """The records of a PopQA jsonl file (local or gs://), each checked."""
-    p = io.path(path)
-    if not p.exists():
-        raise PopQAError(f"{path}: PopQA file not found; give a jsonl file, e.g. one written by "
-                         "`python -m quietreasoning.eval.popqa generate --output facts.jsonl`")
-    records = []
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PopQAError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                             "a PopQA jsonl file holds one JSON object per line") from None
-        records.append(check_record(record, f"{path}:{n}"))
-    if not records:
-        raise PopQAError(f"{path}: no records; a PopQA jsonl file holds one JSON object per line")
-    return records
+    return io.read_jsonl(path, check_record, PopQAError, "a PopQA jsonl file",
+                         "give a jsonl file, e.g. one written by `python -m quietreasoning.eval.popqa generate "
+                         "--output facts.jsonl`")
 
 
 def bucket_labels(edges: Sequence[float]) -> tuple[str, ...]:
@@ -382,7 +368,8 @@ def with_knn(model, tokenizer, datastore, *, memory=None, lam: float = 0.25, k: 
     greedy. With `memory` (a FactMemory) the model also reads retrieved facts, as in `with_memory`.
 
     The datastore is searched on the host (FAISS) between decode steps, so each step is one jitted
-    forward over the (rows, bucket length) buffer, recomputed in full as training/inference.py does."""
+    forward over the (rows, bucket length) buffer, recomputed in full (training/inference.py's
+    recompute decoder; the KV-cached one keeps its loop on the device)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx

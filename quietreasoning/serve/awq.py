@@ -37,11 +37,24 @@ Where 1 / s goes (folded exactly, so the float model computes the same function,
 Scaling a column of a matrix commutes with its quantisation (each column has its own scales), so
 these folds do not disturb the matrices they land in.
 
+Adapters kept unmerged (model.router on, see `serving_config`): each LoRA pair reads the input of
+its matrix and adds to its output, y = x W + c x A B, so the folds carry over to it exactly. Where
+a matrix's input is divided by s (the reader: W -> diag(s) W), its A gets the same rows, A -> diag(s) A,
+and (x / s) diag(s) A = x A; where a matrix's output columns are divided by s (the writer: wv for
+wo, w_up for w_down), its B columns are divided too, so the whole output x W + c x A B is divided by
+s. The IA3 vectors multiply outputs channel by channel (k, v, the SwiGLU inner activation): a
+diagonal scale commutes with the diagonal s, so (v / s) * l = (v * l) / s and (h / s) * l = (h * l) / s
+and no fold crosses them. Every fold therefore stays exact with the adapters unmerged, whatever
+the gates; the adapters themselves stay float and their output carries no rounding error, so the
+search measures the base matmul's error alone, on the inputs the adapted, gated model produces.
+
 What is quantised: the seven block matmuls above. The embedding, the output head, the norms and
 every module's weights (workspace, SSM experts, router, episodic read, PKM queries, keys and
 output) stay in the param dtype. The PKM value tables are stored in their int8 serving form
 (memory/pkm.py `quantize_rows`: int8 rows with a float32 scale per row). LoRA / IA3 adapters are
-merged into the base weights first (model/adapters.py `merge`), with a fixed selection.
+merged into the base weights first (model/adapters.py `merge`), with a fixed selection, when no
+router gates them; when model.router gates them per token, the adapter bank stays as it is, in the
+param dtype (its factors are small next to the matmuls they adapt).
 
 Compute: on CPU (and in this code everywhere) there is no int4 / int8 matmul kernel. Weights ship
 and rest quantised (the bundle on disk, `weight_bytes`); `dequantize_into` turns them back into
@@ -51,8 +64,9 @@ low-bit kernel would give.
 
 Calibration: `calibration_batches` draws serve.awq_calib_batches batches from the training batch
 stream (training/input.py). `calibrate` runs the float model over them (without episodic
-retrieval) and, per block, takes each matmul input's mean |activation| over the real tokens and
-keeps up to `search_tokens` sampled token rows for the alpha search.
+retrieval; unmerged adapters read the gates the router gives them, as in the trunk) and, per block,
+takes each matmul input's mean |activation| over the real tokens and keeps up to `search_tokens`
+sampled token rows for the alpha search.
 """
 
 from __future__ import annotations
@@ -71,7 +85,6 @@ from tqdm.auto import tqdm
 from quietreasoning.config import AWQ_BITS, Config, ConfigError, DataError, ModelConfig
 from quietreasoning.memory.pkm import dequantize_rows, quantize_rows
 from quietreasoning.model.adapters import merge
-from quietreasoning.model.layers import matmul
 from quietreasoning.model.trunk import Trunk, attention_mask
 
 METHODS = ("awq", "rtn")
@@ -195,8 +208,9 @@ def matmul_bytes(tree) -> int:
 
 
 def quantize_params(params: dict, bits: int, group: int) -> dict:
-    """A trunk's (adapter-free) parameter dict with the seven block matmuls as QuantizedWeight and
-    the PKM value tables as QuantizedRows; everything else as given. Round-to-nearest: AWQ folds its
+    """A trunk's parameter dict with the seven block matmuls (each block's "attn" / "mlp" entries)
+    as QuantizedWeight and the PKM value tables as QuantizedRows; everything else as given, an
+    unmerged adapter bank (each block's "adapters") included. Round-to-nearest: AWQ folds its
     scales into `params` before calling this."""
     _check_bits(bits)
 
@@ -245,8 +259,19 @@ def dequantize_into(model: Trunk, tree: dict) -> None:
 # ----------------------------------------------------------------------------- the serving model
 
 def serving_config(cfg: Config) -> Config:
-    """`cfg` with model.adapters = (): the served model's adapters live merged in its base weights."""
+    """The config of the served model. Without a router, `cfg` with model.adapters = (): the adapters
+    live merged in the base weights (a fixed selection is a plain block again). With model.router
+    on, `cfg` as it is: the router mixes the adapters per token, which no fixed merge computes, so
+    the served model keeps the adapter bank and the router (the router's width also counts the
+    adapters)."""
+    if cfg.model.router:
+        return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapters=()))
+
+
+def adapters_kept(cfg: Config) -> bool:
+    """Whether the served model keeps its adapters unmerged (model.router gates them)."""
+    return bool(cfg.model.adapters) and cfg.model.router
 
 
 def empty_trunk(model_cfg: ModelConfig) -> Trunk:
@@ -256,20 +281,37 @@ def empty_trunk(model_cfg: ModelConfig) -> Trunk:
 
 
 def merged_params(model: Trunk, cfg: Config, adapter: str | Sequence[float] | None = None) -> dict:
-    """The model's parameters as a pure dict with its adapters merged into the base weights
-    (model/adapters.py `merge`): `adapter` names one adapter or gives one weight per adapter;
-    None is the uniform mixture, which is what the trunk computes when no router gates it.
-    A model without adapters comes back as it is."""
+    """The parameters of the served model (a Trunk of `serving_config(cfg)`) as a pure dict: the
+    model's adapters merged into the base weights (model/adapters.py `merge`), `adapter` naming one
+    adapter or giving one weight per adapter; None is the uniform mixture, which is what the trunk
+    computes when no router gates it. A model without adapters, or one whose router gates them
+    (`adapters_kept`: the bank stays unmerged), comes back as it is."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if not cfg.model.adapters:
         return params
-    if cfg.model.router:
-        raise ConfigError(
-            "model.router gates the adapters per token, so no fixed merge computes what the model "
-            "computes; export a model trained with model.router=false, or drop the adapters (model.adapters=[])")
+    if adapters_kept(cfg):
+        if adapter is not None:
+            raise ConfigError(f"adapter={adapter!r}: model.router gates the adapters per token, so the export keeps "
+                              "them unmerged and cannot fix a selection; pass adapter=None")
+        return params
     n = len(cfg.model.adapters)
     select = adapter if isinstance(adapter, str) else tuple(adapter) if adapter is not None else (1.0 / n,) * n
     return jax.jit(merge, static_argnums=(1, 2))(params, cfg.model, select)  # one program, not op by op
+
+
+def adapter_report(cfg: Config, params: dict, adapter: str | Sequence[float] | None = None) -> dict | None:
+    """What the export did with the adapters, for the report and the bundle's manifest: None when
+    the model has none; {"names", "merged": True, "select": the name, the weights or "uniform"}
+    when they were merged; {"names", "merged": False, "bytes"} when the served model keeps the
+    bank unmerged (`adapters_kept`), bytes being what the bank takes in the param dtype. `params`
+    is `merged_params`' result."""
+    if not cfg.model.adapters:
+        return None
+    names = list(cfg.model.adapters)
+    if adapters_kept(cfg):
+        return {"names": names, "merged": False,
+                "bytes": weight_bytes([b["adapters"] for b in params["blocks"].values()])}
+    return {"names": names, "merged": True, "select": "uniform" if adapter is None else adapter}
 
 
 def calibration_batches(cfg: Config, n: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -289,20 +331,35 @@ def calibration_batches(cfg: Config, n: int | None = None) -> list[dict[str, np.
 INPUTS = ("qkv", "o", "gate_up", "down")  # the four matmul inputs of a block, named by their readers
 
 
+def _adapter_gates(model: Trunk, aux: dict, tokens: int) -> list[jax.Array | None]:
+    """The adapter gates each block reads in `Trunk.forward` (aux: its aux): from block ws_layer on
+    the router's per-chunk gates repeated over each chunk's `tokens` / n_chunks tokens (B, T, n);
+    None (the uniform mixture) before it, and everywhere without adapters or a router."""
+    cfg = model.cfg
+    if not cfg.adapters or model.router is None:
+        return [None] * cfg.n_layers
+    chunks = aux["router"]["gates"]["adapters"]  # (B, C, n)
+    per_token = jnp.repeat(chunks, tokens // chunks.shape[1], axis=1)
+    return [per_token if i >= cfg.ws_layer else None for i in range(cfg.n_layers)]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _block_activations(graphdef, state, tokens, segment_ids, positions, rows):
     """Per block and input: (sum of |activation| over real tokens (d,), the activations at the
-    flat token indices `rows` (n, d)); and the number of real tokens."""
+    flat token indices `rows` (n, d)); and the number of real tokens. The blocks' adapters (if the
+    model has them) take part, with the gates the trunk gives them."""
     model = nnx.merge(graphdef, state)
     _, aux = model.forward(tokens, segment_ids, positions, block_inputs=True)
     mask = attention_mask(segment_ids)
     real = (segment_ids > 0).astype(jnp.float32)[..., None]
     out = []
-    for block, x in zip(model.blocks, aux["block_inputs"]):
+    for block, x, gates in zip(model.blocks, aux["block_inputs"], _adapter_gates(model, aux, tokens.shape[1])):
+        bank = block.adapters
         a = block.attn_norm(x)
-        o = block.attn.mix(a, positions, mask)
-        m = block.mlp_norm(x + matmul(o, block.attn.wo[...], block.attn.dtype))  # the block's own residual
-        h = block.mlp.inner(m)
+        o = block.attn.mix(a, positions, mask, bank, gates)
+        # the block's own residual (its attention again: the jit computes the shared mix once)
+        m = block.mlp_norm(x + block.attn(a, positions, mask, bank, gates))
+        h = block.mlp.inner(m, bank, gates)
         acts = dict(zip(INPUTS, (a, o, m, h)))
         out.append({k: (jnp.sum(jnp.abs(v) * real, axis=(0, 1)), v.reshape(-1, v.shape[-1])[rows])
                     for k, v in acts.items()})
@@ -312,10 +369,8 @@ def _block_activations(graphdef, state, tokens, segment_ids, positions, rows):
 def calibrate(model: Trunk, batches: Sequence[dict], *, search_tokens: int = SEARCH_TOKENS,
               seed: int = 0) -> list[dict[str, tuple[jax.Array, jax.Array]]]:
     """Per block, for each of INPUTS: (mean |activation| per channel over the real tokens (segment
-    id > 0) of `batches`, sampled activation rows (about `search_tokens` over all batches, d)).
-    `model` must have no adapters (merge them first)."""
-    if model.cfg.adapters:
-        raise ConfigError("calibrate: the model still has adapters; merge them first (merged_params)")
+    id > 0) of `batches`, sampled activation rows (about `search_tokens` over all batches, d)), as
+    `model` computes them: the served model, its adapters merged or kept (see `serving_config`)."""
     if not batches:
         raise DataError("AWQ calibration got no batches; pass calibration_batches(cfg) "
                         "(serve.awq_calib_batches > 0) or use method='rtn'")
@@ -370,44 +425,61 @@ def awq_fold(params: dict, acts: list[dict], model_cfg: ModelConfig, bits: int, 
              grid: int) -> tuple[dict, list[dict[str, Any]]]:
     """Searches s for each matrix group of each block (see the module docstring) and folds it in:
     the returned params compute the same function as `params` in float, with the quantised matrices
-    pre-scaled. Also returns one report row per block and matrix group (alpha, relative output
-    errors of AWQ and RTN on the sampled rows)."""
+    pre-scaled (and, when a block keeps its adapter bank, its LoRA factors rescaled to match). Also
+    returns one report row per block and matrix group (alpha, relative output errors of AWQ and RTN
+    on the sampled rows)."""
     h, kv, dh = model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.resolved_head_dim
     g = h // kv
     f32 = jnp.float32
     out, report = dict(params), []
     out["blocks"] = {}
     for i, p in params["blocks"].items():
-        attn = {k: v.astype(f32) for k, v in p["attn"].items()}
-        mlp = {k: v.astype(f32) for k, v in p["mlp"].items()}
+        w = {k: v.astype(f32) for part in ("attn", "mlp") for k, v in p[part].items()}
+        bank = p.get("adapters")
+        lora = {t: {k: v.astype(f32) for k, v in ab.items()} for t, ab in bank["lora"].items()} if bank else {}
         act = acts[i]
 
-        def search(name: str, stat: jax.Array, w: jax.Array) -> jax.Array:
-            s, alpha, err, rtn, power = search_scale(act[name][1], stat, w, bits=bits, group=group, grid=grid)
+        def search(name: str, stat: jax.Array, keys: tuple[str, ...]) -> jax.Array:
+            x = jnp.concatenate([w[k] for k in keys], axis=1)
+            s, alpha, err, rtn, power = search_scale(act[name][1], stat, x, bits=bits, group=group, grid=grid)
             report.append({"block": i, "matrices": name, "alpha": float(alpha),
                            "awq_error": float(err / power), "rtn_error": float(rtn / power)})
             return s
 
+        def scale_inputs(keys: tuple[str, ...], s: jax.Array) -> None:
+            """The input of `keys` is divided by s: their rows, and their LoRA A rows, times s."""
+            for k in keys:
+                w[k] = w[k] * s[:, None]
+                if k in lora:
+                    lora[k]["a"] = lora[k]["a"] * s[None, :, None]
+
+        def divide_outputs(key: str, s: jax.Array) -> None:
+            """The output of `key` divided by s: its columns, and its LoRA B columns."""
+            w[key] = w[key] / s[None, :]
+            if key in lora:
+                lora[key]["b"] = lora[key]["b"] / s[None, None, :]
+
         # wo: s tied over the query heads sharing a kv head, folded into the columns of wv
         stat = jnp.mean(act["o"][0].reshape(kv, g, dh), axis=1)
-        s = search("o", jnp.broadcast_to(stat[:, None], (kv, g, dh)).reshape(-1), attn["wo"])
-        attn["wo"] = attn["wo"] * s[:, None]
-        attn["wv"] = attn["wv"] / s.reshape(kv, g, dh)[:, 0].reshape(-1)[None, :]
+        s = search("o", jnp.broadcast_to(stat[:, None], (kv, g, dh)).reshape(-1), ("wo",))
+        scale_inputs(("wo",), s)
+        divide_outputs("wv", s.reshape(kv, g, dh)[:, 0].reshape(-1))
         # w_down: folded into the columns of w_up
-        s = search("down", act["down"][0], mlp["w_down"])
-        mlp["w_down"] = mlp["w_down"] * s[:, None]
-        mlp["w_up"] = mlp["w_up"] / s[None, :]
+        s = search("down", act["down"][0], ("w_down",))
+        scale_inputs(("w_down",), s)
+        divide_outputs("w_up", s)
         block = dict(p)
         # wq | wk | wv and w_gate | w_up: one s each, folded into the RMSNorm before them
-        for name, mats, keys, norm in (("qkv", attn, ("wq", "wk", "wv"), "attn_norm"),
-                                       ("gate_up", mlp, ("w_gate", "w_up"), "mlp_norm")):
-            s = search(name, act[name][0], jnp.concatenate([mats[k] for k in keys], axis=1))
-            for k in keys:
-                mats[k] = mats[k] * s[:, None]
+        for name, keys, norm in (("qkv", ("wq", "wk", "wv"), "attn_norm"), ("gate_up", ("w_gate", "w_up"), "mlp_norm")):
+            s = search(name, act[name][0], keys)
+            scale_inputs(keys, s)
             scale = p[norm]["scale"]
             block[norm] = {"scale": (scale.astype(f32) / s).astype(scale.dtype)}
-        block["attn"] = {k: v.astype(p["attn"][k].dtype) for k, v in attn.items()}
-        block["mlp"] = {k: v.astype(p["mlp"][k].dtype) for k, v in mlp.items()}
+        for part in ("attn", "mlp"):
+            block[part] = {k: w[k].astype(v.dtype) for k, v in p[part].items()}
+        if bank:
+            block["adapters"] = {**bank, "lora": {t: {k: v.astype(bank["lora"][t][k].dtype) for k, v in ab.items()}
+                                                  for t, ab in lora.items()}}
         out["blocks"][i] = block
     return out, report
 
@@ -419,12 +491,14 @@ def quantize_model(model: Trunk, cfg: Config, calib_batches: Sequence[dict] | No
                    search_tokens: int = SEARCH_TOKENS) -> tuple[dict, dict[str, Any]]:
     """The quantised parameter tree of `model` (see `quantize_params`; fill a Trunk of
     `serving_config(cfg)` with it through `dequantize_into`) and a report: method, bits, the group
-    each input width got, adapters merged, per-block search results (AWQ), and the bytes in float
-    (the merged model in its param dtype) and quantised, of all weights and of the block matmuls.
+    each input width got, the adapters (`adapter_report`: merged, or kept unmerged and in float),
+    per-block search results (AWQ), and the bytes in float (the served model in its param dtype)
+    and quantised, of all weights and of the block matmuls.
 
     method "awq" calibrates on `calib_batches` (e.g. `calibration_batches(cfg)`) and searches the
     scales (serve.awq_grid alphas); "rtn" rounds the weights as they are (no batches needed).
-    `adapter` selects the adapters to merge first (see `merged_params`)."""
+    `adapter` selects the adapters to merge first (see `merged_params`; None when the router gates
+    them and they stay unmerged: AWQ then folds its scales into their LoRA factors too)."""
     _check_bits(bits)
     if method not in METHODS:
         raise ConfigError(f"quantize_model: method={method!r} must be one of {METHODS}")
@@ -436,8 +510,7 @@ def quantize_model(model: Trunk, cfg: Config, calib_batches: Sequence[dict] | No
     report: dict[str, Any] = {
         "method": method, "bits": bits, "group": srv.awq_group,
         "groups": {str(d): resolve_group(d, srv.awq_group) for d in widths},
-        "adapters": {"names": list(cfg.model.adapters),
-                     "select": "uniform" if adapter is None else adapter} if cfg.model.adapters else None,
+        "adapters": adapter_report(cfg, params, adapter),
     }
     if method == "awq":
         float_model = empty_trunk(m)

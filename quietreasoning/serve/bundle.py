@@ -1,11 +1,15 @@
 """The serving bundle: one directory holding everything a server needs to rebuild the model.
 
-    DIR/manifest.json     format, bits, group, method, KV settings, bytes (float and quantised, all
-                          weights and the block matmuls, and on disk), the AWQ search report
-    DIR/config.yaml       the resolved config of the served model (adapters merged: model.adapters=[])
+    DIR/manifest.json     format, bits, group, method, KV settings, the adapters (merged or kept),
+                          bytes (float and quantised, all weights and the block matmuls, and on
+                          disk), the AWQ search report
+    DIR/config.yaml       the resolved config of the served model (serve/awq.py `serving_config`:
+                          adapters merged, model.adapters=[]; or, when model.router gates them,
+                          kept with the router)
     DIR/weights/          an Orbax checkpoint of {"trunk": the trunk's parameter tree (serve/awq.py
                           `quantize_params`: int8 / int4 codes with scales and zeros for the block
-                          matmuls, int8 PKM rows, the rest in the param dtype), and for a latent model
+                          matmuls, int8 PKM rows, the rest, an unmerged adapter bank included, in the
+                          param dtype), and for a latent model
                           "latent": its thought projection and heads, in the param dtype}
     DIR/tokenizer.model   the SentencePiece model, when one was given
 
@@ -19,8 +23,14 @@ is no low-bit matmul kernel, weights rest quantised and compute runs on dequanti
 The model is a Trunk, or a LatentReasoner (model/latent.py: a trunk with a thought projection and,
 for the stochastic loop, budget and verifier heads), rebuilt from cfg.latent.projection_hidden and
 the manifest's `model.heads`; its trunk is quantised like a plain one. A float bundle (bits None)
-stores the merged float parameters unquantised: the reference a quantised bundle's size and
-accuracy are compared with.
+stores the served model's float parameters unquantised: the reference a quantised bundle's size
+and accuracy are compared with.
+
+Adapters: without a router they are merged into the base weights with a fixed selection (the
+manifest's "adapters": {"names", "merged": true, "select"}). When model.router gates them per token
+the bundle keeps the bank unmerged, in float, and the served Trunk is rebuilt with the adapters and
+the router, so it computes what the trained model computes up to the base matmuls' quantisation
+("adapters": {"names", "merged": false, "bytes"}).
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from flax import nnx
 
 from quietreasoning.config import Config, ConfigError, DataError, load_config
 from quietreasoning.model.latent import LatentReasoner
-from quietreasoning.serve.awq import (dequantize_into, empty_trunk, matmul_bytes, merged_params, quantize_model,
-                                      quantize_params, serving_config, weight_bytes)
+from quietreasoning.serve.awq import (adapter_report, dequantize_into, empty_trunk, matmul_bytes, merged_params,
+                                      quantize_model, quantize_params, serving_config, weight_bytes)
 from quietreasoning.utils import io
 from quietreasoning.utils.tokenizer import Tokenizer, load_tokenizer
 
@@ -96,7 +106,8 @@ def export_bundle(model: nnx.Module, cfg: Config, tokenizer_path: str | None, ou
     `out_dir` and returns its manifest.
     `bits` 8 or 4 quantises with `method` ("awq": calibrated on `calib_batches`, e.g.
     serve/awq.py `calibration_batches(cfg)`; "rtn"); None keeps the weights in float. `adapter`
-    selects what the adapters are merged as (serve/awq.py `merged_params`; None: uniform mixture)."""
+    selects what the adapters are merged as (serve/awq.py `merged_params`; None: uniform mixture;
+    with model.router on they stay unmerged and `adapter` must be None)."""
     out = io.path(out_dir)
     if out.exists():
         raise BundleError(f"{out_dir}: already exists; export to a new directory or delete it first "
@@ -116,8 +127,9 @@ def export_bundle(model: nnx.Module, cfg: Config, tokenizer_path: str | None, ou
     if bits is None:
         tree = merged_params(trunk, cfg, adapter)
         total, matmuls = weight_bytes(tree), matmul_bytes(tree)
-        report = {"method": "float", "bits": None, "group": None, "float_bytes": total, "quantized_bytes": total,
-                  "matmul_float_bytes": matmuls, "matmul_quantized_bytes": matmuls}
+        report = {"method": "float", "bits": None, "group": None, "adapters": adapter_report(cfg, tree, adapter),
+                  "float_bytes": total, "quantized_bytes": total, "matmul_float_bytes": matmuls,
+                  "matmul_quantized_bytes": matmuls}
     else:
         tree, report = quantize_model(trunk, cfg, calib_batches, bits, method=method, adapter=adapter)
     tree = {"trunk": tree}
@@ -143,12 +155,12 @@ def export_bundle(model: nnx.Module, cfg: Config, tokenizer_path: str | None, ou
     sizes = {name: report.pop(f"{name}_bytes") for name in ("float", "quantized", "matmul_float", "matmul_quantized")}
     manifest = {
         "format": FORMAT,
-        **{k: report.pop(k) for k in ("method", "bits", "group")},
+        **{k: report.pop(k) for k in ("method", "bits", "group", "adapters")},
         "kv": {k: getattr(cfg.serve, k) for k in KV_KEYS},
         "model": kind,
         "files": {"config": CONFIG, "weights": WEIGHTS, "tokenizer": TOKENIZER if tokenizer else None},
         "bytes": {**sizes, "disk": _disk_bytes(tmp)},  # disk: the bundle's files but this manifest
-        "report": report,  # the rest of quantize_model's report: groups, adapters, the AWQ search
+        "report": report,  # the rest of quantize_model's report: groups, the AWQ search
     }
     io.atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     tmp.rename(out)
@@ -171,8 +183,9 @@ def _read_manifest(p, where: str) -> dict[str, Any]:
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """The bundle at `path`: the Trunk rebuilt from its config with the stored weights dequantised
-    into it, the config, the tokenizer (None when the bundle has none), KV settings and manifest."""
+    """The bundle at `path`: the Trunk rebuilt from its config (with every module it has on: an
+    unmerged adapter bank and its router included) with the stored weights dequantised into it,
+    the config, the tokenizer (None when the bundle has none), KV settings and manifest."""
     p = io.path(path)
     manifest = _read_manifest(p, str(path))
     files = manifest["files"]

@@ -192,6 +192,23 @@ def router_losses(gates: dict[str, jax.Array], logits: dict[str, jax.Array], mas
     return z_weight * z + entropy_weight * shortfall, metrics
 
 
+def retrieval_supervision_loss(logits: jax.Array, mask: jax.Array, retrieve: jax.Array):
+    """(loss, metrics): binary cross-entropy of the router's episodic gate toward `retrieve` (B, 1),
+    1 where the row's question is about a rare entity (the staged runner's retrieval_supervision
+    stage: read the episodic store for the long tail, not for what the weights already hold;
+    adaptive retrieval, Mallen et al. 2023). `logits` (B, C, 1) are the gate's logits per chunk and
+    `mask` (B, C) marks chunks that hold tokens. Chunk 0 is left out: its gate comes from the
+    workspace state before any token was written (causal), the same for every input."""
+    z = logits[..., 0]
+    w = mask.astype(jnp.float32).at[:, 0].set(0.0)
+    target = retrieve.astype(jnp.float32).reshape(-1, 1)
+    bce = jnp.maximum(z, 0) - z * target + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    loss = jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    decided = (z > 0) == (target > 0.5)
+    return loss, {"retrieval_bce": loss,
+                  "retrieval_gate_acc": jnp.sum(decided * w) / jnp.maximum(jnp.sum(w), 1.0)}
+
+
 def module_losses(aux: dict, batch: dict[str, jax.Array], cfg, embeddings: jax.Array | None):
     """(weighted total, metrics) of every auxiliary term the forward pass reported in `aux`
     (Trunk.forward); 0 and no metrics when no module with losses is on. `cfg` is the full Config."""
@@ -206,4 +223,7 @@ def module_losses(aux: dict, batch: dict[str, jax.Array], cfg, embeddings: jax.A
         t, m = router_losses(r["gates"], r["logits"], r["mask"], cfg.losses.router_z, cfg.losses.router_entropy,
                              cfg.losses.router_entropy_floor)
         total, metrics = total + t, metrics | m
+        if "retrieve" in batch and cfg.losses.router_retrieval:
+            t, m = retrieval_supervision_loss(r["logits"]["episodic"], r["mask"], batch["retrieve"])
+            total, metrics = total + cfg.losses.router_retrieval * t, metrics | m
     return total, metrics

@@ -27,6 +27,9 @@ from quietreasoning.training.optimizer import make_optimizer
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
 # optional: retrieved memory tokens (B, M, E) and their mask (B, M) for the episodic read (memory/retrieval.py)
 MEMORY_KEYS = ("memory", "memory_mask")
+# optional: 1 where the row's question should be answered from the episodic store (B, 1), the
+# retrieval_supervision stage's router target (training/losses.py retrieval_supervision_loss)
+SUPERVISION_KEYS = ("retrieve",)
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float):
@@ -156,4 +159,4 @@ def put_batch(batch: dict[str, Any], batch_sh: NamedSharding) -> dict[str, jax.A
     """Global arrays from the global host batch: each process places only the shards its own
     devices hold, whatever the mesh layout across hosts."""
     return {k: jax.make_array_from_callback(batch[k].shape, batch_sh, lambda idx, rows=np.asarray(batch[k]): rows[idx])
-            for k in (*BATCH_KEYS, *MEMORY_KEYS) if k in batch}
+            for k in (*BATCH_KEYS, *MEMORY_KEYS, *SUPERVISION_KEYS) if k in batch}

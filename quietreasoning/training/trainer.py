@@ -39,7 +39,7 @@ class TrainResult:
     state: dict[str, Any]
     start_step: int
     final_step: int
-    resumed_from: str           # "checkpoint", "parameters" or "init"
+    resumed_from: str           # "checkpoint", "parameters", "carried" (the staged runner's) or "init"
     history: list[dict[str, float]]
     n_params: int
     flops_per_token: float
@@ -51,28 +51,42 @@ class TrainResult:
         return self.history[-1]["loss"] if self.history else float("nan")
 
 
-def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer) -> tuple[dict, int, str]:
+# model keys a run may change between its checkpoints: they change no parameter (the stage plan
+# anneals the PKM temperature in segments of one stage)
+RESUMABLE_CHANGES = ("pkm_temperature",)
+
+
+def _restore_or_init(cfg: Config, ts, ckpt: Checkpointer, initial=None) -> tuple[dict, int, str]:
     latest = ckpt.latest_step()
     if latest is not None:
         saved = ckpt.read_meta(latest)["config"]["model"]
         here = json.loads(json.dumps(cfg.to_dict()["model"]))  # as the checkpoint's JSON stored it
-        changed = [f"model.{k}={saved.get(k)} there, {v} here" for k, v in here.items() if saved.get(k) != v]
+        changed = [f"model.{k}={saved.get(k)} there, {v} here" for k, v in here.items()
+                   if saved.get(k) != v and k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(
                 f"{ckpt.directory}: its checkpoints are of another model ({'; '.join(changed)}); "
                 "set run.name (or checkpoint.dir) to start a new run, or drop the model overrides")
         state, meta = ckpt.restore(latest, ts.abstract_sharded())
         return state, meta["data_position"], "checkpoint"
+    if initial is not None:
+        state, position = initial(ts)
+        return state, position, "carried"
     if cfg.train.load_parameters_path:
         params = load_parameters(cfg.train.load_parameters_path, ts.abstract_sharded()["params"])
         return ts.state_from_params(params), None, "parameters"
     return ts.init(), None, "init"
 
 
-def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
-          progress: bool = True, stop_at: int | None = None) -> TrainResult:
+def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True, progress: bool = True,
+          stop_at: int | None = None, initial=None, stream=None, desc: str | None = None) -> TrainResult:
     """Trains `cfg.train.steps` steps (or until `stop_at`, as a preemption would), saving
-    checkpoints every `checkpoint.every` steps and at the end."""
+    checkpoints every `checkpoint.every` steps and at the end.
+
+    The staged runner (training/stages.py) passes `initial(ts) -> (state, data position)`, used
+    when this run has no checkpoint yet (the state a stage carries over from the ones before it),
+    and `stream(cfg, batch_sharding, position)`, a batch source with next() and position() in
+    place of the configured one (input.batches)."""
     mesh = mesh or sharding.make_mesh(cfg)
     t = cfg.train
     ts = setup(cfg, mesh)
@@ -89,13 +103,13 @@ def train(cfg: Config, *, mesh: Mesh | None = None, measure_roof: bool = True,
     ckpt = Checkpointer(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.max_to_keep,
                         async_save=cfg.checkpoint.async_save)
     with jax.set_mesh(mesh):
-        state, position, resumed_from = _restore_or_init(cfg, ts, ckpt)
+        state, position, resumed_from = _restore_or_init(cfg, ts, ckpt, initial)
         start = int(jax.device_get(state["step"]))
-        data = batches(cfg, ts.batch_sharding, position, log=tqdm.write)
+        data = (stream or batches)(cfg, ts.batch_sharding, position, log=tqdm.write)
         history = [h for h in history if h["step"] <= start]
         end = max(start, min(t.steps, stop_at) if stop_at is not None else t.steps)
         lead = jax.process_index() == 0
-        bar = tqdm(total=t.steps, initial=start, disable=not (progress and lead), desc=f"{t.stage}", unit="step",
+        bar = tqdm(total=t.steps, initial=start, disable=not (progress and lead), desc=desc or t.stage, unit="step",
                    dynamic_ncols=True)
         window_t0, window_steps = time.perf_counter(), 0
         for step in range(start, end):
