@@ -87,7 +87,10 @@ def test_a_switched_off_module_is_not_built_and_a_silent_one_changes_nothing(mod
     silence(on)
     silence(off)
     if module != "router":  # router off means fixed gates (1 for experts, uniform adapters): not a zero path
-        np.testing.assert_array_equal(np.asarray(on(tokens, segs, pos)), np.asarray(off(tokens, segs, pos)))
+        # a silenced module is still computed: XLA compiles another program around it, whose fusions
+        # may round the unchanged stream differently by an ulp (off itself is exact: the test above)
+        np.testing.assert_allclose(np.asarray(on(tokens, segs, pos)), np.asarray(off(tokens, segs, pos)),
+                                   rtol=0, atol=1e-6)
     assert not np.allclose(with_module, np.asarray(off(tokens, segs, pos)))
 
 

@@ -59,7 +59,7 @@ def test_the_3b_preset_fits_4x4x4_at_one_row_per_chip():
 
 
 def test_the_3b_stage_plan_takes_days_consistent_with_its_throughput():
-    cfg = load_config("3b")
+    cfg = load_config("3b", ["train.grad_accum=1"])  # 256 chips: 3 rows each, no accumulation needed
     r = scale_plan(cfg, "v5p:4x8x8", mfu=0.5)
     assert r["plan_tokens"] == 1.75e10  # the seed's stages: 7e9 + 7e9 + 2e9 + 1e9 + 5e8
     assert r["tokens_per_second"] == pytest.approx(0.5 * 459e12 * 256 / flops_per_token(cfg.model, 8192))
@@ -68,8 +68,9 @@ def test_the_3b_stage_plan_takes_days_consistent_with_its_throughput():
     assert f"{r['days']:.1f} days" in format_scale_plan(r)
 
 
-def test_the_3b_preset_as_configured_is_refused_on_4x4x4_naming_the_grad_accum_that_fits():
-    r = scale_plan(load_config("3b"), "4x4x4")  # train.grad_accum=1: 12 rows of 8192 tokens per chip
+def test_the_3b_preset_fits_4x4x4_and_without_accumulation_is_refused_naming_the_grad_accum_that_fits():
+    assert scale_plan(load_config("3b"), "4x4x4")["fits"]  # configs/3b.yaml: train.grad_accum=12
+    r = scale_plan(load_config("3b", ["train.grad_accum=1"]), "4x4x4")  # 12 rows of 8192 tokens per chip
     assert not r["fits"] and r["rows_per_device"] == 12
     assert r["fits_with_grad_accum"] == 12
     with pytest.raises(ConfigError) as e:
