@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from quietreasoning.utils import io
 
 LONG_CONTEXT = {"tasks": ("niah_single",), "lengths": (256,), "n": 8, "modes": ("full", "snapkv0.3", "int8")}
@@ -132,7 +130,3 @@ def headline(results: dict) -> list[tuple[str, str]]:
         lines.append(("long context (niah_single@256)", ", ".join(f"{k} {100 * v['mean']:.0f}%" for k, v in m.items())))
     return lines
 
-
-def mean_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None

@@ -250,9 +250,7 @@ def _checkpoint_record(cfg: Config) -> dict:
 
 def _final_loss(stage: Stage) -> float | None:
     """The mean logged loss of the stage's last five log records (metrics.jsonl)."""
-    path = stage.dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    losses = [r["loss"] for r in rows if "loss" in r]
+    losses = [r["loss"] for r in stage_metrics(stage) if "loss" in r]
     return float(np.mean(losses[-5:])) if losses else None
 
 
@@ -512,17 +510,13 @@ def run_export(sched: StageScheduler, stage: Stage, tokenizer_path: str, *, prog
 # ----------------------------------------------------------------------------- the run's log
 
 def stage_metrics(stage: Stage, offset: int = 0) -> list[dict]:
-    """The stage's logged records (its metrics.jsonl), each with "stage" and "global_step"
-    (`offset` + its step). A truncated last line (a kill mid-write) is skipped."""
+    """The stage's logged records (its metrics.jsonl, read as utils/telemetry.py reads a log),
+    each with "stage" and "global_step" (`offset` + its step); none before the stage logs."""
+    from quietreasoning.utils.telemetry import read_metrics
+
     path = stage.dir / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows.append(dict(row, stage=stage.name, global_step=offset + int(row.get("step", 0))))
-    return rows
+    rows = read_metrics(path) if path.exists() else []
+    return [dict(row, stage=stage.name, global_step=offset + int(row.get("step", 0))) for row in rows]
 
 
 def run_metrics(sched: StageScheduler) -> list[dict]:
