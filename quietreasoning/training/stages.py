@@ -500,8 +500,7 @@ def run_export(sched: StageScheduler, stage: Stage, tokenizer_path: str, *, prog
     if not out.exists():  # a bundle is renamed into place complete: one that exists is finished
         cfg = dataclasses.replace(source.cfg, serve=stage.cfg.serve)
         model = stage_model(source, sharding.make_mesh(source.cfg))
-        calib = calibration_batches(dataclasses.replace(cfg, data=sched.stage("warmstart_dense_ws").cfg.data))
-        export_bundle(model, cfg, tokenizer_path, out, bits=cfg.serve.awq_bits, calib_batches=calib)
+        export_bundle(model, cfg, tokenizer_path, out, bits=cfg.serve.awq_bits, calib_batches=calibration_batches(cfg))
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     return _write_done(stage, {"bundle": str(out), "source_stage": source.name, "seconds": time.perf_counter() - t0,
                                "manifest": manifest})
