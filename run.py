@@ -151,24 +151,33 @@ def main(argv=None) -> int:
     telemetry = Telemetry(run_dir, config=sched.base.to_dict(), wandb_project=args.wandb_project,
                           wandb_entity=args.wandb_entity, wandb_tags=tuple(t for t in args.wandb_tags.split(",") if t),
                           wandb_run=args.wandb_run or run_dir.name, lead=lead)
-    for stage in sched.selected:
-        record = stage.done()
-        if record is not None:
-            say(f"[{stage.label}] complete ({stage.done_path}); skipped")
-            continue
-        if stage.kind == "lm":
-            record = st.run_lm(sched, stage, progress=lead)
-        elif stage.kind == "latent":
-            record = st.run_latent(sched, stage, tokenizer, progress=lead)
-        elif stage.kind == "retrieval":
-            record = st.run_retrieval(sched, stage, tokenizer, popqa=args.popqa, progress=lead)
-        else:
-            record = st.run_export(sched, stage, tokenizer_path, progress=lead)
-        telemetry.set_stage(stage.name)
-        for row in st.stage_metrics(stage):
-            telemetry.log(row)
-        loss = f", loss {record['final_loss']:.3f}" if record.get("final_loss") is not None else ""
-        say(f"[{stage.label}] done in {record['seconds']:.0f} s{loss}")
+    from quietreasoning.training.trainer import Preemption
+
+    with Preemption() as preemption:  # SIGTERM: the running stage saves its step; the run stops, exit 0
+        for stage in sched.selected:
+            record = stage.done()
+            if record is not None:
+                say(f"[{stage.label}] complete ({stage.done_path}); skipped")
+                continue
+            if stage.kind == "lm":
+                record = st.run_lm(sched, stage, progress=lead)
+            elif stage.kind == "latent":
+                record = st.run_latent(sched, stage, tokenizer, progress=lead)
+            elif stage.kind == "retrieval":
+                record = st.run_retrieval(sched, stage, tokenizer, popqa=args.popqa, progress=lead)
+            else:
+                record = st.run_export(sched, stage, tokenizer_path, progress=lead)
+            telemetry.set_stage(stage.name)
+            for row in st.stage_metrics(stage):
+                telemetry.log(row)
+            if record is not None:
+                loss = f", loss {record['final_loss']:.3f}" if record.get("final_loss") is not None else ""
+                say(f"[{stage.label}] done in {record['seconds']:.0f} s{loss}")
+            if preemption.requested:
+                where = "after it" if record is not None else "mid-stage, its last step saved"
+                say(f"[{stage.label}] SIGTERM: stopped {where}; rerun the same command to resume")
+                telemetry.close()
+                return 0
 
     results = {}
     if not args.no_eval:

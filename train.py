@@ -12,6 +12,7 @@ import json
 import sys
 
 from quietreasoning import cli
+from quietreasoning.config import ConfigError
 
 
 @cli.one_line_errors
@@ -25,6 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-pattern", default="",
                    help='train on TFRecord shards, e.g. "data/tiny/*.tfrecord*" (sets data.source=tfrecord)')
     args = p.parse_args(argv)
+    if args.devices < 0:
+        raise ConfigError(f"--devices {args.devices}: must be positive (0, the default: the mesh's fixed product, "
+                          "else the local devices)")
     if args.pretrain_pattern:
         args.overrides = ["data.source=tfrecord", f"data.pretrain_pattern={args.pretrain_pattern}", *args.overrides]
     cfg = cli.load(args)
@@ -42,6 +46,8 @@ def main(argv=None) -> int:
 
     from quietreasoning.training.trainer import train
     result = train(cfg)
+    if result.preempted and result.final_step < cfg.train.steps:  # the trainer said where it saved
+        return 0
     if cli.said_nothing_to_train(result, cfg):
         return 0
     print(f"trained {result.n_params:,} parameters, steps {result.start_step} -> {result.final_step} "

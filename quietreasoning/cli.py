@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import threading
@@ -11,8 +12,16 @@ import threading
 from quietreasoning.config import Config, ConfigError, load_config
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: a bad flag or a missing argument is one line on
+    stderr ("error: PROG: what; see PROG --help") and exit code 2, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def parser(description: str, default_config: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--config", default=default_config,
                    help=f"preset name or YAML path, applied over configs/base.yaml (default: {default_config})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -60,7 +69,7 @@ def join_processes(coordinator: str | None, num_processes: int | None, process_i
     if 0 < len(missing) < 3:
         raise ConfigError(f"{', '.join(missing)} missing: pass --coordinator HOST:PORT, --num-processes N and "
                           "--process-id I together (or none of them, with run.distributed=true on a TPU VM)")
-    if timeout <= 0:
+    if not (timeout > 0 and math.isfinite(timeout)):  # nan would fire the watchdog at once
         raise ConfigError(f"--distributed-timeout {timeout:g}: must be a positive number of seconds")
     if not missing:
         host, _, port = coordinator.rpartition(":")

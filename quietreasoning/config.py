@@ -119,6 +119,9 @@ class TrainConfig:
     stage: str
     load_parameters_path: str
     trainable: str  # one of TRAINABLE
+    max_bad_steps: int
+    rollback_lr_scale: float
+    max_rollbacks: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +272,7 @@ class CheckpointConfig:
     every: int
     max_to_keep: int
     async_save: bool
+    fresh_if_unreadable: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,17 +326,30 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
     try:
-        tree = yaml.safe_load(p.read_text())
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+        raise ConfigError(f"{path}: cannot read the config file ({why}); pass a YAML text file (see configs/)"
+                          ) from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix the syntax there") from None
+    except Exception as e:  # a value YAML's constructors reject (date 2020-13-01, !!int x) or deep nesting
+        raise ConfigError(f"{path}: malformed YAML: {type(e).__name__}: {_one_line(e)}; fix the value there") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     return tree
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (at most 160 characters)."""
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 def _all_keys() -> list[str]:
@@ -342,7 +359,7 @@ def _all_keys() -> list[str]:
 def _unknown(key: str, source: str) -> ConfigError:
     near = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else f"; valid sections: {', '.join(SECTIONS)}"
-    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+    return ConfigError(f"{source}: unknown key {key!r}{hint}")
 
 
 def _merge(tree: dict, layer: dict, source: str, origin: dict[str, str]) -> None:
@@ -366,11 +383,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(
-                f"command line: '{item}' is not a section.key=value override (e.g. model.d_model=256)")
+                f"command line: {item!r} is not a section.key=value override (e.g. model.d_model=256)")
         section, _, name = key.partition(".")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+        except Exception:  # not YAML, or a value its constructors reject (2020-13-01, !!int x): the text itself
             value = raw
         layer.setdefault(section, {})[name] = value
     return layer
@@ -394,13 +411,15 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             return int(value)
     elif typ is float:
         number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 number = float(value)
-            except ValueError:
-                pass
+            elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                number = float(value)
+        except ValueError:
+            pass
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
         if number is not None and math.isfinite(number):
             return number
         if number is not None:
@@ -448,7 +467,8 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail(("model.n_kv_heads", "model.n_heads"),
              f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
     if m.resolved_head_dim % 2:
-        fail("model.head_dim", f"head dimension {m.resolved_head_dim} must be even for RoPE")
+        fail(("model.head_dim", "model.d_model", "model.n_heads"),
+             f"head dimension {m.resolved_head_dim} must be even for RoPE (model.head_dim, or d_model / n_heads)")
     for key in ("compute_dtype", "param_dtype"):
         if getattr(m, key) not in DTYPES:
             fail(f"model.{key}", f"model.{key}={getattr(m, key)!r} must be one of {DTYPES}")
@@ -467,7 +487,11 @@ def _validate(cfg: Config, origin: dict[str, str], layers: list[str]) -> None:
         fail("train.eps", f"train.eps={t.eps} must be positive")
     if t.min_lr_ratio > 1:
         fail("train.min_lr_ratio", f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1")
-    for key in ("lr", "warmup_steps", "weight_decay", "clip_norm", "z_loss", "min_lr_ratio"):
+    if not 0 <= t.rollback_lr_scale < 1:
+        fail("train.rollback_lr_scale", f"train.rollback_lr_scale={t.rollback_lr_scale} must be in [0, 1) (0 stops "
+             "instead of rolling back)")
+    for key in ("lr", "warmup_steps", "weight_decay", "clip_norm", "z_loss", "min_lr_ratio", "max_bad_steps",
+                "max_rollbacks"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"train.{key}={getattr(t, key)} must not be negative")
     if t.global_batch % t.grad_accum:
@@ -665,7 +689,7 @@ def _validate_stages(cfg: Config, fail) -> None:
     st = cfg.stages
     unknown = [name for name in st.run if name not in STAGES]
     if unknown:
-        fail("stages.run", f"stages.run: unknown stage '{unknown[0]}'; the stages are {', '.join(STAGES)}")
+        fail("stages.run", f"stages.run: unknown stage {unknown[0]!r}; the stages are {', '.join(STAGES)}")
     if list(st.run) != [name for name in STAGES if name in st.run]:
         fail("stages.run", f"stages.run={list(st.run)} must keep the plan's order ({', '.join(STAGES)}), "
                            "each stage once")
@@ -678,7 +702,7 @@ def _validate_stages(cfg: Config, fail) -> None:
             section, _, field = key.partition(".")
             fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else set()
             if not sep or section in ("stages", "run", "checkpoint") or field not in fields:
-                fail(f"stages.{name}", f"stages.{name}: '{item}' is not an override of a model, train, losses, "
+                fail(f"stages.{name}", f"stages.{name}: {item!r} is not an override of a model, train, losses, "
                                        "data, memory, latent or serve key (section.key=value)")
     if st.anneal_segments <= 0 or st.pkm_temperature_end <= 0:
         fail(("stages.anneal_segments", "stages.pkm_temperature_end"),

@@ -14,6 +14,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # FAISS threads spin while waiting; on a shared 2-core machine that makes builds several times slower
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# one compilation cache per test session (children included): the many tests that build the same
+# micro model compile each program once; a new session starts empty, so no stale entry survives a change
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="qr-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -1,5 +1,7 @@
 """Small configs shared by the tests: the tiny preset shrunk further so a step is milliseconds."""
 
+import socket
+
 from quietreasoning.config import load_config
 
 MICRO = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
@@ -10,3 +12,10 @@ MICRO = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.
 def micro_config(*overrides: str, out_dir=None):
     extra = [f"run.out_dir={out_dir}"] if out_dir is not None else []
     return load_config("tiny", [*MICRO, *extra, *overrides])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for a test coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

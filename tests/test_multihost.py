@@ -1,20 +1,18 @@
 """Multi-process training: two processes x four CPU devices on 127.0.0.1 train like one process on
-eight devices, each feeding only its own rows; their checkpoint restores in one process; a process
-whose peer never comes says so in one line and exits."""
+eight devices, each feeding only its own rows; their checkpoint restores in one process. (A process
+whose peer never comes: tests/faults/test_peer_faults.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from helpers import MICRO, micro_config
+from helpers import MICRO, free_port, micro_config
 
 from quietreasoning import cli
 from quietreasoning.config import ConfigError
@@ -29,12 +27,6 @@ from conftest import REPO
 
 STEPS = 3
 RUN = [*MICRO, "model.compute_dtype=float32", f"train.steps={STEPS}", "checkpoint.async_save=false", "run.name=mh"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_host_builds_only_its_rows_and_they_match_the_global_batch():
@@ -102,19 +94,6 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_on_eight_dev
     assert meta["data_position"] == STEPS and int(state["step"]) == STEPS
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(one.state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("process_id", ["0", "1"])
-def test_a_process_whose_peer_never_comes_says_so_in_one_line(run_cli, process_id):
-    coordinator = f"127.0.0.1:{free_port()}"
-    t0 = time.monotonic()
-    out = run_cli("train.py", "--coordinator", coordinator, "--num-processes", "2", "--process-id", process_id,
-                  "--distributed-timeout", "5", *MICRO, timeout=60)
-    assert time.monotonic() - t0 < 30
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
-    assert coordinator in lines[0] and "--distributed-timeout 5 s" in lines[0]
 
 
 def test_distributed_flags_come_together():

@@ -1,5 +1,7 @@
 """TFRecord shards and the packed reader: every token in order, per-host shares that partition the
-data, a saved position that resumes exactly, and one-line errors for bad shards."""
+data, a saved position that resumes exactly. Corrupt, truncated and missing shards and manifests,
+and a full disk, are in tests/faults/test_data_faults.py (which builds its shards with
+`make_shards` and `reader` from here)."""
 
 import itertools
 import json
@@ -10,7 +12,7 @@ import pytest
 
 from quietreasoning.config import DataError
 from quietreasoning.data.reader import ShardReader, cursors, round_robin
-from quietreasoning.data.shards import ROLES, ShardWriter, read_manifest, verified_shards, write_manifest
+from quietreasoning.data.shards import ShardWriter, read_manifest, write_manifest
 from quietreasoning.utils.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 
@@ -131,58 +133,11 @@ def test_hosts_read_disjoint_shares_that_cover_every_document(tmp_path, per_shar
     assert all(share for share in seen)
 
 
-# --- bad input ---------------------------------------------------------------------------------------
+# --- patterns and compression -------------------------------------------------------------------------
 
 def test_a_pattern_that_matches_nothing_names_the_pattern(tmp_path):
     with pytest.raises(DataError, match="matches no files"):
         reader(tmp_path / "nothing")
-
-
-def test_shards_without_a_manifest_or_from_an_unfinished_build_are_refused(tmp_path):
-    make_shards(tmp_path)
-    m = read_manifest(tmp_path)
-    write_manifest(tmp_path, dict(m, complete=False))
-    with pytest.raises(DataError, match="did not finish"):
-        reader(tmp_path)
-    (tmp_path / "manifest.json").unlink()
-    with pytest.raises(DataError, match="no manifest.json"):
-        reader(tmp_path)
-
-
-def _corrupt(path, at):
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_a_corrupt_record_names_the_shard_and_record_or_is_skipped_and_counted(tmp_path):
-    make_shards(tmp_path)
-    shard = sorted(tmp_path.glob("prose-*.tfrecord"))[0]
-    sizes = []
-    r = reader(tmp_path)
-    assert not verified_shards(tmp_path, read_manifest(tmp_path)) == {}
-    _corrupt(shard, len(shard.read_bytes()) // 2)  # a payload byte in the middle record
-    assert shard.name not in verified_shards(tmp_path, read_manifest(tmp_path))
-    r = reader(tmp_path, rows=64)
-    with pytest.raises(DataError) as info:
-        r.next_batch()
-    message = str(info.value)
-    assert "\n" not in message and shard.name in message and "corrupt record" in message
-    assert "data.skip_corrupt=true" in message
-    logs = []
-    r = reader(tmp_path, rows=64, skip_corrupt=True, log=logs.append)
-    b = r.next_batch()
-    assert r.corrupt_records > 0 and logs and shard.name in logs[0]
-    assert b["inputs"].shape == (64, 31)
-    del sizes
-
-
-def test_a_truncated_shard_is_reported_like_a_corrupt_one(tmp_path):
-    make_shards(tmp_path)
-    shard = sorted(tmp_path.glob("code-*.tfrecord"))[0]
-    shard.write_bytes(shard.read_bytes()[:-9])
-    with pytest.raises(DataError, match=f"{shard.name}: corrupt record"):
-        reader(tmp_path, rows=64).next_batch()
 
 
 def test_gzip_shards_read_the_same_documents(tmp_path):
@@ -193,13 +148,6 @@ def test_gzip_shards_read_the_same_documents(tmp_path):
     assert all(p.name.endswith(".tfrecord.gz") for p in gz.glob("*.tfrecord*"))
     a, b = reader(plain).next_batch(), reader(gz).next_batch()
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
-
-
-def test_an_aborted_writer_leaves_no_partial_shard(tmp_path):
-    w = ShardWriter(tmp_path, 100)
-    w.add("prose", np.arange(5))
-    w.abort()
-    assert list(tmp_path.iterdir()) == []
 
 
 # --- the tokenizer -----------------------------------------------------------------------------------

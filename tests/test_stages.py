@@ -64,6 +64,8 @@ def test_the_pkm_temperature_anneals_geometrically_in_pieces_in_pkm_adapters_onl
     assert temps[1] == pytest.approx((2.0 * 0.7) ** 0.5)  # geometric: the middle is the geometric mean
     assert sched.segments(sched.stage("ssm_light")) == [(9, 0.7)]
     assert sched.segments(sched.stage("warmstart_dense_ws")) == [(9, 1.0)]
+    one = scheduler(tmp_path, "stages.anneal_segments=1", max_steps=9)  # one piece: no anneal inside the stage
+    assert one.segments(one.stage("pkm_adapters")) == [(9, pytest.approx(2.0))]
 
 
 @pytest.mark.parametrize("override, fragment", [

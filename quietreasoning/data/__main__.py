@@ -1,25 +1,28 @@
-"""`python -m quietreasoning.data build | inspect | tasks`: make TFRecord shards, look inside
-them, or write a reasoning-task split as jsonl.
+"""`python -m quietreasoning.data build | inspect | verify | tasks`: make TFRecord shards, look
+inside them, check them against their manifest, or write a reasoning-task split as jsonl.
 
     python -m quietreasoning.data build --output-dir data/tiny [--source embedded|hub|local:PATH]
                                         [--docs N] [--vocab-size V] [--config tiny] [data.key=value ...]
     python -m quietreasoning.data inspect data/tiny
+    python -m quietreasoning.data verify data/tiny      # every shard present, sized and hashed as listed
     python -m quietreasoning.data tasks --task varassign --split train -n 1000 --seed 0 --output x.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from quietreasoning import cli
-from quietreasoning.config import load_config
+from quietreasoning.config import ConfigError, load_config
 
 
 def _build(args) -> int:
     from quietreasoning.data.build import build
 
+    for flag, value in (("--vocab-size", args.vocab_size), ("--docs", args.docs)):
+        if value < 0:
+            raise ConfigError(f"{flag} {value}: must be positive (0, the default, takes the config's value)")
     overrides = list(args.overrides)
     if args.source:
         overrides.append(f"data.corpus={args.source}")
@@ -53,7 +56,7 @@ def _inspect(args) -> int:
     print(f"{args.dir}: {'complete' if m['complete'] else 'INCOMPLETE (rerun the build)'}; "
           f"{m['records']:,} documents, {m['tokens']:,} tokens, {len(m['shards'])} shards, vocab {m['vocab_size']}")
     print(f"{'bucket':<12}{'read':>8}{'kept':>8}{'records':>9}{'tokens':>12}  dropped")
-    for name, b in m["buckets"].items():
+    for name, b in m.get("buckets", {}).items():
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(b["dropped"].items()) if v) or "-"
         print(f"{name:<12}{b['read']:>8}{b['kept']:>8}{b['records']:>9}{b['tokens']:>12,}  {dropped}")
     if not m["complete"] or args.samples <= 0:
@@ -71,6 +74,15 @@ def _inspect(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from quietreasoning.data.shards import verify
+
+    m = verify(args.dir)
+    print(f"{args.dir}: {len(m['shards'])} shards, {sum(e['records'] for e in m['shards']):,} documents: each present, "
+          "of its listed size and sha256")
+    return 0
+
+
 def _tasks(args) -> int:
     from quietreasoning.data.tasks import reasoning_split
     from quietreasoning.utils import io
@@ -85,7 +97,7 @@ def _tasks(args) -> int:
 
 @cli.one_line_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.data", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m quietreasoning.data", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="clean a corpus, train or load the tokenizer, write shards + manifest.json")
     b.add_argument("--output-dir", required=True, help="where shards, tokenizer.model and manifest.json go (or gs://)")
@@ -99,6 +111,9 @@ def main(argv=None) -> int:
     i.add_argument("dir")
     i.add_argument("--samples", type=int, default=3, help="documents to decode (default 3)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    v = sub.add_parser("verify", help="check every shard against manifest.json: present, size, sha256; exit 2 "
+                                      "naming the first that fails")
+    v.add_argument("dir")
     t = sub.add_parser("tasks", help="write a reasoning-task split as jsonl: task, question, steps, answer, difficulty")
     t.add_argument("--task", required=True, help="addition | multiplication | prosqa | prontoqa | varassign")
     t.add_argument("--split", default="train", help="train | test | ood (default train)")
@@ -107,7 +122,7 @@ def main(argv=None) -> int:
     t.add_argument("--output", required=True, help="the .jsonl file to write (or gs://)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    return {"build": _build, "inspect": _inspect, "tasks": _tasks}[args.command](args)
+    return {"build": _build, "inspect": _inspect, "verify": _verify, "tasks": _tasks}[args.command](args)
 
 
 if __name__ == "__main__":

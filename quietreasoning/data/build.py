@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from quietreasoning.config import DataConfig, DataError
-from quietreasoning.data.shards import (FORMAT, ROLES, TOKENIZER, ShardWriter, read_manifest, verified_shards,
-                                        write_manifest)
+from quietreasoning.data.shards import (FORMAT, ROLES, TOKENIZER, WRITE_FIX, ShardWriter, read_manifest,
+                                        verified_shards, write_manifest)
 from quietreasoning.utils import io
 from quietreasoning.utils.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -61,7 +61,8 @@ def build(data: DataConfig, output_dir: str, *, vocab_size: int, seed: int = 0, 
 
     t0 = time.perf_counter()
     out = io.path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with io.write_errors(out, DataError, "choose an --output-dir that can be created and written"):
+        out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp-*"):  # what a killed build was writing
         stale.unlink()
     wanted = settings(data, vocab_size, seed)
@@ -90,13 +91,15 @@ def build(data: DataConfig, output_dir: str, *, vocab_size: int, seed: int = 0, 
     tok_path = out / TOKENIZER
     if data.tokenizer:
         tokenizer = load_tokenizer(data.tokenizer)
-        tokenizer.save(tok_path)
+        with io.write_errors(tok_path, DataError, WRITE_FIX):
+            tokenizer.save(tok_path)
     elif tok_path.exists():  # an interrupted build already trained it: the finished shards used it
         tokenizer = load_tokenizer(str(tok_path))
     else:
         t = time.perf_counter()
         tokenizer = train_tokenizer((d.text for d in kept), vocab_size, data.tokenizer_type, seed=seed)
-        tokenizer.save(tok_path)
+        with io.write_errors(tok_path, DataError, WRITE_FIX):
+            tokenizer.save(tok_path)
         log(f"trained a {data.tokenizer_type} tokenizer, {tokenizer.vocab_size} tokens, in {time.perf_counter() - t:.1f} s")
     tokenizer.check_fits(vocab_size, "--vocab-size")
 

@@ -9,19 +9,25 @@ inputs/targets are the row shifted by one, with segment ids, per-segment positio
 (targets inside the same segment; rationale tokens weighted by `losses.rationale`) and an answer
 mask. The position is three integers, (epoch, document index in the epoch's order, token offset
 into that document): restoring it yields exactly the batches an uninterrupted run reads next.
+
+At start every shard the pattern selects is checked against the manifest beside it: listed, present
+and of its listed size. A shard that fails, or a record that fails its CRC while reading, is a
+DataError naming the file, or with data.skip_corrupt a warning, and its records are counted in
+`corrupt_records` and skipped.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
-from typing import Any, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from quietreasoning.config import DataError
 from quietreasoning.data.shards import MANIFEST, ROLES, _tf, read_manifest
-from quietreasoning.utils import io
 
 PARSE_BATCH = 256
 
@@ -33,26 +39,55 @@ def _glob(pattern: str) -> list[str]:
     return sorted(tf.io.gfile.glob(pattern))
 
 
-def shard_counts(files: list[str], pattern: str) -> tuple[list[int], dict[str, Any]]:
-    """Records per file from the manifest(s) beside them, checked complete; and the first manifest."""
-    manifests: dict[str, dict] = {}
-    counts = []
+def check_shards(files: list[str], pattern: str, skip_corrupt: bool = False, log: Callable = print
+                 ) -> tuple[list[str], list[int], dict[str, Any], int]:
+    """(files, records per file, the first manifest, records skipped): the files matched by `pattern`
+    checked against the manifest beside them. The manifest must exist and be complete and list every
+    file; a shard it lists that the pattern selects but that is missing, or whose size differs from
+    the listed one, is a DataError, or with `skip_corrupt` a warning (its records are skipped)."""
+    manifests: dict[str, dict[str, dict]] = {}
+    first: dict[str, Any] | None = None
     for f in files:
         directory = os.path.dirname(f)
-        if directory not in manifests:
-            m = read_manifest(directory)
-            if m is None:
-                raise DataError(f"{directory}: no {MANIFEST} beside the shards matched by {pattern!r}; "
-                                "build them with `python -m quietreasoning.data build --output-dir DIR`")
-            if not m.get("complete"):
-                raise DataError(f"{directory}/{MANIFEST}: the build did not finish; rerun the same build command "
-                                "to complete it (finished shards are kept)")
-            manifests[directory] = {e["path"]: e for e in m["shards"]} | {"": m}
-        entry = manifests[directory].get(os.path.basename(f))
+        if directory in manifests:
+            continue
+        m = read_manifest(directory)
+        if m is None:
+            raise DataError(f"{directory}: no {MANIFEST} beside the shards matched by {pattern!r}; "
+                            "build them with `python -m quietreasoning.data build --output-dir DIR`")
+        if not m.get("complete"):
+            raise DataError(f"{directory}/{MANIFEST}: the build did not finish; rerun the same build command "
+                            "to complete it (finished shards are kept)")
+        manifests[directory] = {e["path"]: e for e in m["shards"]}
+        first = first or m
+    entries = []
+    for f in files:
+        entry = manifests[os.path.dirname(f)].get(os.path.basename(f))
         if entry is None:
-            raise DataError(f"{f}: not listed in {directory}/{MANIFEST}; remove it or rebuild the directory")
-        counts.append(int(entry["records"]))
-    return counts, next(iter(manifests.values()))[""]
+            raise DataError(f"{f}: not listed in {os.path.dirname(f)}/{MANIFEST}; remove it or rebuild the directory")
+        entries.append(entry)
+    present, selects = set(files), pattern if "://" in pattern else os.path.abspath(pattern)
+    problems = [(os.path.join(d, name), entry, f"listed in {d}/{MANIFEST} but missing")
+                for d, listed in manifests.items() for name, entry in listed.items()
+                if os.path.join(d, name) not in present and fnmatch.fnmatchcase(os.path.join(d, name), selects)]
+    sized = [(f, e) for f, e in zip(files, entries) if "bytes" in e]
+    tf = _tf()
+    with ThreadPoolExecutor(16) as pool:  # one stat per shard: round trips add up on gs://
+        sizes = list(pool.map(lambda fe: tf.io.gfile.stat(fe[0]).length, sized))
+    problems += [(f, e, f"{size} bytes but its {MANIFEST} lists {e['bytes']} (truncated or partly copied)")
+                 for (f, e), size in zip(sized, sizes) if size != e["bytes"]]
+    if problems and not skip_corrupt:
+        path, _, what = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{path}: {what}{more}; copy it again, rerun the build into {os.path.dirname(path)} (it "
+                        "rewrites what is missing or fails its sha256), or set data.skip_corrupt=true to skip it")
+    skipped = 0
+    for path, entry, what in problems:
+        skipped += int(entry["records"])
+        log(f"warning: {path}: {what}; skipping its {entry['records']} records (data.skip_corrupt=true)")
+    bad = {path for path, _, _ in problems}
+    keep = [i for i, f in enumerate(files) if f not in bad]
+    return [files[i] for i in keep], [int(entries[i]["records"]) for i in keep], first or {}, skipped
 
 
 def cursors(counts: list[int], k: int) -> list[int]:
@@ -95,7 +130,11 @@ class ShardReader:
         if not files:
             raise DataError(f"data.pretrain_pattern={pattern!r} matches no files; check the path, or build shards "
                             "with `python -m quietreasoning.data build --output-dir DIR`")
-        counts, self.manifest = shard_counts(files, pattern)
+        self.skip_corrupt, self.rationale_weight, self.log = skip_corrupt, rationale_weight, log
+        files, counts, self.manifest, self.corrupt_records = check_shards(files, pattern, skip_corrupt, log)
+        if not files:
+            raise DataError(f"data.pretrain_pattern={pattern!r}: every shard it matches failed its checks (see the "
+                            "warnings above); copy them again or rebuild")
         if len(files) >= process_count:  # file sharding
             self.files, self.counts = files[process_index::process_count], counts[process_index::process_count]
             self.keep_every, self.keep_offset = 1, 0
@@ -105,8 +144,6 @@ class ShardReader:
         if sum(self.counts) == 0:
             raise DataError(f"data.pretrain_pattern={pattern!r}: the shards hold no records; rebuild with more --docs")
         self.seq_len, self.rows, self.seed = seq_len, rows, seed
-        self.skip_corrupt, self.rationale_weight, self.log = skip_corrupt, rationale_weight, log
-        self.corrupt_records = 0
         self.restore(np.zeros(3, np.int64))
 
     # --- the position ---------------------------------------------------------------------------

@@ -537,6 +537,9 @@ def _load(args):
     if args.bundle:
         from quietreasoning.serve.bundle import load_bundle
 
+        if args.overrides:
+            raise LongContextError(f"--bundle {args.bundle}: a bundle carries its own config; the overrides "
+                                   f"({' '.join(args.overrides)}) apply to --checkpoint only: drop them")
         bundle = load_bundle(args.bundle)
         model, cfg, tokenizer = bundle.model, bundle.cfg, bundle.tokenizer
         if args.tokenizer:
@@ -557,7 +560,7 @@ def _load(args):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.eval.long_context", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m quietreasoning.eval.long_context", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default="", help="an exported serving bundle (model, config and tokenizer)")
     p.add_argument("--checkpoint", default="", help="runs/<name>/checkpoints (latest step) or one step directory")
     p.add_argument("--tokenizer", default="", help="the SentencePiece model the checkpoint was trained with")
@@ -584,8 +587,8 @@ def main(argv=None) -> int:
     lengths = _ints("--lengths", args.lengths)
     modes = [m for m in args.modes.split(",") if m]
     check_modes(modes)
-    if args.batch_size <= 0:
-        raise LongContextError(f"--batch-size {args.batch_size} must be positive")
+    if args.batch_size <= 0 or args.n <= 0:
+        raise LongContextError(f"--batch-size {args.batch_size} and --n {args.n} must be positive")
     records = load_longbench(args.longbench)[:args.n] if args.longbench else []
     model, cfg, tokenizer = _load(args)
     instances = [x for task in tasks for length in lengths

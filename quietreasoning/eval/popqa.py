@@ -44,7 +44,6 @@ bench/popqa_memory.py trains and compares all three on the synthetic world.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io as _io
@@ -510,7 +509,7 @@ def _evaluate(args) -> int:
 
 @cli.one_line_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.eval.popqa", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m quietreasoning.eval.popqa", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="write the synthetic long-tail entity-facts set in PopQA format")
     g.add_argument("--output", required=True, help="jsonl file to write")

@@ -27,9 +27,9 @@ mode), and for prosqa / multiplication our accuracy on the shared public validat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quietreasoning import cli
-from quietreasoning.config import load_config
+from quietreasoning.config import ConfigError, load_config
 
 STOCHASTIC_SHARE = 0.25  # of the training steps, for the REINFORCE loop after the curriculum
 MODEL_DEFAULTS = ("model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
@@ -322,7 +322,7 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.eval.reasoning", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m quietreasoning.eval.reasoning", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, help="addition | prosqa | prontoqa | varassign | multiplication")
     p.add_argument("--recipe", default="coconut", choices=("coconut", "codi", "stochastic"),
                    help="stochastic: the coconut curriculum, then the REINFORCE loop for the last quarter")
@@ -341,9 +341,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Bad sizes and a bad config are one-line errors before the task data and the tokenizer are made
+    (they take a while); `run` loads the config again with the tokenizer's size."""
+    for flag in ("n_train", "n_test", "batch_size", "vocab_size"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    for flag in ("steps", "n_ood", "stage_eval"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must not be negative")
+    if not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise ConfigError(f"--minutes {args.minutes}: must be a positive number of minutes")
+    load_config(args.config, [*MODEL_DEFAULTS, f"latent.recipe={args.recipe}", *args.overrides])
+
+
 @cli.one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
     result = run(args)
     print(result["tables"])
     print(f"wrote {args.output}/results.json, tables.md, accuracy_by_k.png")

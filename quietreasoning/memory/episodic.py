@@ -51,7 +51,10 @@ training and for rebuilds), so ivfpq saves search time, not memory.
 save(path) writes a complete version `path/v-NNNNNN/` (index, arrays, sources, settings), then
 points `path/CURRENT` at it with an atomic rename, then deletes older versions. A save killed at
 any moment leaves CURRENT naming a complete version, so `load` gives the previous store or the new
-one, never a mix. One writer per path; a plain local directory or a gs:// URL (utils/io.py).
+one, never a mix; a save that fails (a full disk) deletes its partial version and raises one line
+naming the file, the previous version still current. store.json records each file's size and
+sha256, and `load` checks them before reading: a truncated or altered file is one line naming it.
+One writer per path; a plain local directory or a gs:// URL (utils/io.py).
 
 A host-side object, not thread-safe; the jitted model step never calls it, it takes the arrays
 `search` returns.
@@ -59,6 +62,7 @@ A host-side object, not thread-safe; the jitted model step never calls it, it ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zipfile
@@ -431,54 +435,94 @@ class EpisodicStore:
         """Writes the store as a new complete version under `path`, then switches path/CURRENT to
         it atomically and deletes the older versions (module docstring)."""
         root = io.path(path)
-        root.mkdir(parents=True, exist_ok=True)
+        with io.write_errors(root, DataError, "save the store to a path that can be created and written"):
+            root.mkdir(parents=True, exist_ok=True)
         numbers = [int(p.name[2:]) for p in root.iterdir() if p.name.startswith("v-") and p.name[2:].isdigit()]
         version = root / f"v-{max(numbers, default=0) + 1:06d}"
-        version.mkdir()
+        current = root / "CURRENT"
+        kept = (f"the previous version {current.read_text().strip()} is still current" if current.exists()
+                else "nothing was saved there before")
+        fix = f"free space there (or save to another path) and save again; {kept}"
         arrays = {"keys": self._keys, "values": self._values, "created": self._created, "last_used": self._used,
                   "surprise": self._surprise, "live": self._live, "slot_label": self._slot_label}
         if self.kind == "hnsw":
             arrays["label_slot"] = self._label_slot[:self._index.ntotal]
-        with (version / "arrays.npz").open("wb") as f:
-            np.savez(f, **arrays)
-        with (version / "index.faiss").open("wb") as f:
-            f.write(faiss.serialize_index(self._index).data)
-        (version / "sources.json").write_text(json.dumps(self._sources))
-        meta = {"format": FORMAT, **self._settings(), "trained": self.trained, "count": self._count,
-                "ntotal": int(self._index.ntotal), "dead_labels": self._dead_labels}
-        (version / "store.json").write_text(json.dumps(meta, indent=1))
-        io.atomic_write_text(root / "CURRENT", version.name)
+        writers = {"arrays.npz": lambda f: np.savez(f, **arrays),
+                   "index.faiss": lambda f: f.write(faiss.serialize_index(self._index).data),
+                   "sources.json": lambda f: f.write(json.dumps(self._sources).encode())}
+        try:
+            files = {}
+            with io.write_errors(version, DataError, fix):
+                version.mkdir()
+            for name, write in writers.items():
+                with io.write_errors(version / name, DataError, fix):
+                    with (version / name).open("wb") as f:
+                        write(f)
+                    files[name] = {"bytes": (version / name).stat().length, "sha256": io.sha256(version / name)}
+            meta = {"format": FORMAT, **self._settings(), "trained": self.trained, "count": self._count,
+                    "ntotal": int(self._index.ntotal), "dead_labels": self._dead_labels, "files": files}
+            with io.write_errors(version / "store.json", DataError, fix):
+                (version / "store.json").write_text(json.dumps(meta, indent=1))
+            with io.write_errors(current, DataError, fix):
+                io.atomic_write_text(current, version.name)
+        except BaseException:
+            with contextlib.suppress(OSError):  # CURRENT still names the previous version: drop this one
+                version.rmtree()
+            raise
         for p in root.iterdir():  # older versions and what killed saves left behind
             if p.name != version.name and (p.name.startswith("v-") or p.name.startswith(".CURRENT.tmp-")):
                 p.rmtree() if p.is_dir() else p.unlink()
 
     @classmethod
     def load(cls, path, *, clock: Callable[[], float] = time.time) -> EpisodicStore:
-        """The store saved at `path` (its CURRENT version), with the settings it was saved with."""
+        """The store saved at `path` (its CURRENT version), with the settings it was saved with. Each
+        file is checked against the size and sha256 store.json records before it is read."""
         root = io.path(path)
         current = root / "CURRENT"
         if not current.exists():
             raise DataError(f"{root}: no saved episodic store (CURRENT is missing); save one with "
                             "EpisodicStore.save(path) or check the path")
         version = root / current.read_text().strip()
-        try:
-            meta = json.loads((version / "store.json").read_text())
-            if meta.get("format") != FORMAT:
-                raise DataError(f"{version / 'store.json'}: format {meta.get('format')} is not {FORMAT}; "
-                                "rebuild the store with this version of the code")
-            store = cls(meta["dim"], value_shape=tuple(meta["value_shape"]), value_dtype=np.dtype(meta["value_dtype"]),
-                        index=meta["index"], capacity=meta["capacity"], ttl_days=meta["ttl_days"],
-                        dedupe=meta["dedupe"], nlist=meta["nlist"], pq_m=meta["pq_m"], nprobe=meta["nprobe"],
-                        hnsw_m=meta["hnsw_m"], ef_search=meta["ef_search"], top_k=meta["top_k"], clock=clock)
-            with (version / "arrays.npz").open("rb") as f, np.load(f) as z:
-                arrays = {name: z[name] for name in z.files}
-            sources = json.loads((version / "sources.json").read_text())
-            index = faiss.deserialize_index(np.frombuffer((version / "index.faiss").read_bytes(), np.uint8))
-        except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{version}: unreadable episodic store ({type(e).__name__}: {str(e)[:120]}); "
-                            "delete it and save the store again") from None
+        fix = "restore the store from a copy, or build it again and save it"
+
+        def read(name: str, parse):
+            p = version / name
+            try:
+                return parse(p)
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{p}: unreadable episodic store file ({type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:120]}); {fix}") from None
+
+        meta = read("store.json", lambda p: json.loads(p.read_text()))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise DataError(f"{version / 'store.json'}: format {found} is not {FORMAT}; rebuild the store with this "
+                            "version of the code")
+        for name, entry in (meta.get("files") or {}).items():  # stores saved before checksums have none
+            p = version / name
+            if not p.exists():
+                raise DataError(f"{p}: missing from the saved episodic store; {fix}")
+            size = p.stat().length
+            if size != entry["bytes"]:
+                raise DataError(f"{p}: {size} bytes but store.json lists {entry['bytes']} (truncated or partly "
+                                f"copied); {fix}")
+            if io.sha256(p) != entry["sha256"]:
+                raise DataError(f"{p}: contents differ from the sha256 in store.json (the file is corrupt); {fix}")
+        store = read("store.json", lambda p: cls(
+            meta["dim"], value_shape=tuple(meta["value_shape"]), value_dtype=np.dtype(meta["value_dtype"]),
+            index=meta["index"], capacity=meta["capacity"], ttl_days=meta["ttl_days"], dedupe=meta["dedupe"],
+            nlist=meta["nlist"], pq_m=meta["pq_m"], nprobe=meta["nprobe"], hnsw_m=meta["hnsw_m"],
+            ef_search=meta["ef_search"], top_k=meta["top_k"], clock=clock))
+
+        def npz(p):
+            with p.open("rb") as f, np.load(f) as z:
+                return {name: z[name] for name in z.files}
+
+        arrays = read("arrays.npz", npz)
+        sources = read("sources.json", lambda p: json.loads(p.read_text()))
+        index = read("index.faiss", lambda p: faiss.deserialize_index(np.frombuffer(p.read_bytes(), np.uint8)))
         store._allocate(len(arrays["live"]))
         for name, attr in (("keys", "_keys"), ("values", "_values"), ("created", "_created"), ("last_used", "_used"),
                            ("surprise", "_surprise"), ("live", "_live"), ("slot_label", "_slot_label")):

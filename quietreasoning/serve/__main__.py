@@ -18,9 +18,9 @@ exported from a LatentReasoner (it carries the thought projection).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from quietreasoning import cli
 from quietreasoning.config import ConfigError
 
 THOUGHT_MARK = "[{k} thoughts]"
@@ -119,7 +119,7 @@ def export(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.serve", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m quietreasoning.serve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a serving bundle from a training checkpoint")
     e.add_argument("--checkpoint", required=True, help="a run's checkpoint directory or one of its steps")

@@ -47,7 +47,7 @@ ENCODE_CHUNK = 256  # documents tokenised per call
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m quietreasoning.tools.build_indices",
+    p = cli.ArgumentParser(prog="python -m quietreasoning.tools.build_indices",
                                 description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -80,9 +80,11 @@ class Stage:
 def _segments(stage: Stage, end_temperature: float, pieces: int) -> list[tuple[int, float]]:
     """(end step, PKM temperature) pieces of a stage: pkm_adapters anneals geometrically from its
     model.pkm_temperature to `end_temperature` in `pieces` constant pieces (when it has PKM layers
-    and a different end temperature); every other stage is one piece."""
+    and a different end temperature, and `pieces` >= 2); every other stage is one piece (the next
+    stage starts at `end_temperature`)."""
     start = stage.cfg.model.pkm_temperature
-    if stage.name != "pkm_adapters" or not stage.cfg.model.pkm_layers or math.isclose(start, end_temperature) or stage.steps < pieces:
+    if stage.name != "pkm_adapters" or not stage.cfg.model.pkm_layers or math.isclose(start, end_temperature) \
+            or pieces < 2 or stage.steps < pieces:
         return [(stage.steps, start)]
     ends = [round(stage.steps * (j + 1) / pieces) for j in range(pieces)]
     return [(end, float(start * (end_temperature / start) ** (j / (pieces - 1)))) for j, end in enumerate(ends)]
@@ -259,7 +261,7 @@ def _final_loss(stage: Stage) -> float | None:
 def run_lm(sched: StageScheduler, stage: Stage, *, progress: bool = True,
            stop_at: int | None = None, stream: Callable | None = None) -> dict | None:
     """Trains a language-modelling stage (and the retrieval stage, with its `stream`) through its
-    anneal pieces; returns its done record, or None when `stop_at` (a step) ended it early."""
+    anneal pieces; returns its done record, or None when `stop_at` (a step) or SIGTERM ended it early."""
     from quietreasoning.training import sharding
     from quietreasoning.training.checkpoint import Checkpointer
     from quietreasoning.training.trainer import train
@@ -292,7 +294,7 @@ def run_lm(sched: StageScheduler, stage: Stage, *, progress: bool = True,
         result = train(cfg, mesh=mesh, progress=progress, stop_at=last, initial=initial, stream=stream,
                        measure_roof=False, desc=stage.label)
         latest = result.final_step
-        if stop_at is not None and latest >= stop_at and latest < stage.steps:
+        if (result.preempted or stop_at is not None and latest >= stop_at) and latest < stage.steps:
             return None
     return _write_done(stage, {**_checkpoint_record(stage.cfg), "final_loss": _final_loss(stage),
                                "seconds": time.perf_counter() - t0, "carried": initial.counts,

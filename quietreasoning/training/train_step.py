@@ -77,8 +77,10 @@ def n_params(state) -> int:
 
 
 def train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
-    """The train state's layout: params, a fresh optimizer state, step 0."""
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    """The train state's layout: params, a fresh optimizer state, step 0, and the counts of
+    skipped updates (`bad_streak` consecutive ones now, `skipped` in all)."""
+    counters = {k: jnp.zeros((), jnp.int32) for k in ("step", "bad_streak", "skipped")}  # three buffers: donated apart
+    return {"params": params, "opt_state": tx.init(params), **counters}
 
 
 def abstract_train_state(cfg: Config):
@@ -144,8 +146,14 @@ def make_train_step(cfg: Config, graphdef, tx, state_shardings, batch_sh, mesh: 
             extra = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
+        # a non-finite loss or gradient skips the update (params and optimizer state stay as they
+        # were) and is counted; the loop acts on a streak of them (trainer.py)
+        finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (optax.apply_updates(params, updates), opt_state), (params, state["opt_state"]))
+        bad = 1 - finite.astype(jnp.int32)
+        new_state = {"params": kept[0], "opt_state": kept[1], "step": state["step"] + 1,
+                     "bad_streak": (state["bad_streak"] + bad) * bad, "skipped": state["skipped"] + bad}
         metrics = {"loss": ce / denom, "grad_norm": grad_norm, **extra}
         return new_state, metrics
 

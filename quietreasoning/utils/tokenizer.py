@@ -72,10 +72,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model file under a temporary name, then renames it into place."""
-        dst = io.path(path)
-        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-        tmp.write_bytes(self.proto)
-        tmp.replace(dst)
+        io.atomic_write_bytes(path, self.proto)
 
     def check_fits(self, vocab_size: int, where: str) -> None:
         """A model whose vocabulary differs from this tokenizer's is an error now, not a crash later."""
