@@ -10,7 +10,6 @@ from flax import nnx
 from helpers import micro_config
 
 from quietreasoning.model.latent import LatentReasoner, ModeController, generate
-from quietreasoning.model.trunk import Trunk
 from quietreasoning.training import inference
 from quietreasoning.training import latent as lt
 

@@ -353,6 +353,9 @@ def check_args(args) -> None:
     if not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ConfigError(f"--minutes {args.minutes}: must be a positive number of minutes")
     load_config(args.config, [*MODEL_DEFAULTS, f"latent.recipe={args.recipe}", *args.overrides])
+    for item in args.overrides:
+        if item.strip().startswith("model.vocab_size="):  # the tokenizer trained here sets it
+            raise ConfigError(f"{item}: the model's vocabulary is the tokenizer's; set its size with --vocab-size")
 
 
 @cli.one_line_errors

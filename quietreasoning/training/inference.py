@@ -247,10 +247,8 @@ def decode(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_token
         out, produced = _decode_recompute(*args, max_new_tokens=max_new_tokens, greedy=temperature == 0)
         held = lengths
     else:
-        host_hook = None
-        if on_token is not None:
-            def host_hook(step, picked, live):
-                on_token(int(step), np.asarray(picked), np.asarray(live))
+        host_hook = None if on_token is None else (
+            lambda step, picked, live: on_token(int(step), np.asarray(picked), np.asarray(live)))
         out, produced, held = _decode(*args, max_new_tokens=max_new_tokens, greedy=temperature == 0, kv=kv,
                                       on_token=host_hook)
     out, produced, held = np.asarray(out), np.asarray(produced), np.asarray(held)

@@ -207,6 +207,7 @@ def test_bad_overrides_are_one_line_and_exit_code_2_in_every_tool(clis, name, ov
     ("eval.long_context", ["--output", "lc", "--bundle", "b", "model.d_model=8"], "apply to --checkpoint only"),
     ("eval.reasoning", ["--task", "addition", "--output", "r", "--minutes", "nan"], "--minutes nan"),
     ("eval.reasoning", ["--task", "addition", "--output", "r", "--batch-size", "0"], "--batch-size 0"),
+    ("eval.reasoning", ["--task", "addition", "--output", "r", "model.vocab_size=300"], "set its size with --vocab-size"),
 ])
 def test_bad_flags_are_one_line_and_exit_code_2(clis, name, args, fragment):
     code, err = call(clis[name][0], args)
